@@ -1,0 +1,259 @@
+"""Fan out training runs: algorithms x repetitions, locally or on SLURM.
+
+    python parallel_exec.py -c configs/uci_energy.yaml \
+        --algorithms Random Lorraine Ours_LR_Momentum --repetitions 50 \
+        [--generator natural_sgd|iteration_id|from_directory:DIR] [--seed 0] \
+        [--workers N] [--executor local|slurm] [--slurm slurm/cifar10.yaml] \
+        [-g GROUP] [-l LOG_ROOT] [--set key=value ...] [--campaign campaign.yaml]
+
+Every repetition's override (one random SGD initialisation for
+``natural_sgd``) is shared by all algorithms, so they start from the same
+points. Each run has a fixed directory ``LOG_ROOT/GROUP/<dataset>/<algorithm>/rep_<k>``;
+a run whose ``results.json`` says finished or diverged is skipped, so running
+the same command again resumes an interrupted fan-out (and on SLURM a
+preempted job resumes from its checkpoint in that directory). A failed run is
+recorded (``error.txt`` in its directory, and the summary) and the rest go on.
+"""
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import yaml
+from tqdm import tqdm
+
+import config as config_module
+import executors
+import generators
+from errors import UserError, exit_on_user_error
+from registry import closest
+
+REPOSITORY = Path(__file__).resolve().parent
+DONE = ("finished", "diverged")
+CAMPAIGN_KEYS = ("config", "algorithms", "repetitions", "generator", "seed", "workers", "executor",
+                 "slurm", "group", "log_root", "set", "algorithm_dir")
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-c", "--config", nargs="+", help="dataset/model config files, stacked in order")
+    parser.add_argument("--algorithms", nargs="+", help="algorithm names: configs/<Name>.yaml")
+    parser.add_argument("--repetitions", type=int, help="initialisations per algorithm")
+    parser.add_argument("--generator", help="natural_sgd (default), iteration_id or from_directory:DIR")
+    parser.add_argument("--seed", type=int, help="seed of the generator (default 0)")
+    parser.add_argument("--workers", type=int, help="local worker processes (default: CPU count)")
+    parser.add_argument("--executor", choices=executors.EXECUTORS, help="local (default) or slurm")
+    parser.add_argument("--slurm", help="SLURM settings YAML (slurm/*.yaml)")
+    parser.add_argument("-g", "--group", help="group directory name (default: fanout)")
+    parser.add_argument("-l", "--log-root", dest="log_root", help="root of run directories (default: runs)")
+    parser.add_argument("--set", nargs="+", action="extend", metavar="KEY=VALUE",
+                        help="overrides applied to every run, after the generator's")
+    parser.add_argument("--algorithm-dir", dest="algorithm_dir", help="where <Name>.yaml live (default: configs/)")
+    parser.add_argument("--campaign", help="YAML whose keys give defaults for these options")
+    parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    return parser
+
+
+def read_campaign(path):
+    """Defaults for the command-line options from a campaign YAML file."""
+    data = config_module.read_yaml(path) if path else {}
+    for key in data:
+        if key not in CAMPAIGN_KEYS:
+            raise UserError(f"{path}: unknown campaign key '{key}'{closest(key, CAMPAIGN_KEYS)}; "
+                            f"valid: {', '.join(CAMPAIGN_KEYS)}")
+    return data
+
+
+def resolve_options(arguments):
+    """Command line over campaign file over defaults, into one plain dict."""
+    campaign = read_campaign(arguments.campaign)
+    defaults = {"generator": "natural_sgd", "seed": 0, "executor": "local", "group": "fanout",
+                "log_root": "runs", "set": [], "algorithm_dir": str(REPOSITORY / "configs"),
+                "workers": None, "slurm": None, "repetitions": None}
+    options = {**defaults, **campaign}
+    for key in CAMPAIGN_KEYS:
+        value = getattr(arguments, key, None)
+        if value is not None:
+            options[key] = value
+    options["progress"] = arguments.progress
+    if not options.get("config"):
+        raise UserError("no config given: -c configs/<dataset>.yaml")
+    if not options.get("algorithms"):
+        raise UserError("no algorithms given: --algorithms Random Lorraine ...")
+    if isinstance(options["config"], str):
+        options["config"] = [options["config"]]
+    if isinstance(options["set"], dict):
+        options["set"] = [f"{key}={value}" for key, value in options["set"].items()]
+    if options["executor"] not in executors.EXECUTORS:
+        raise UserError(f"unknown executor '{options['executor']}'; valid: {', '.join(executors.EXECUTORS)}")
+    return options
+
+
+def algorithm_file(name, directory):
+    """``configs/<Name>.yaml``; an unknown name lists the closest and the valid ones."""
+    folder = Path(directory)
+    path = folder / f"{name}.yaml"
+    if path.is_file():
+        return path.resolve()
+    known = sorted(p.stem for p in folder.glob("*.yaml") if "algorithm" in config_module.read_yaml(p))
+    raise UserError(f"unknown algorithm '{name}'{closest(name, known)}: no {path}; "
+                    f"valid: {', '.join(known) or '(none)'}")
+
+
+def dataset_name(config_paths):
+    """The directory level for the dataset: the first config file's name (``uci_energy``)."""
+    return Path(config_paths[0]).stem
+
+
+def plan(options):
+    """Every run as a job dict, in algorithm-major order, checked before anything starts."""
+    config_paths = [str(Path(path).resolve()) for path in options["config"]]
+    for path in config_paths:
+        if not Path(path).is_file():
+            raise UserError(f"{path}: config file not found")
+    set_overrides = dict(config_module.normalise_overrides(options["set"]))
+    repetitions = generators.generate(options["generator"], options["repetitions"], options["seed"])
+    group_dir = Path(options["log_root"]) / options["group"] / dataset_name(config_paths)
+    jobs = []
+    for algorithm in options["algorithms"]:
+        stack = config_paths + [str(algorithm_file(algorithm, options["algorithm_dir"]))]
+        for index, generated in enumerate(repetitions):
+            overrides = {**generated, **set_overrides}
+            if index == 0:
+                config_module.load(stack, overrides)  # bad keys fail now, not in 200 workers
+            jobs.append({"config": stack, "overrides": overrides, "algorithm": algorithm,
+                         "repetition": index, "group": options["group"],
+                         "name": f"{algorithm}-rep_{index}",
+                         "run_dir": str((group_dir / algorithm / f"rep_{index}").resolve())})
+    return jobs
+
+
+def finished_result(run_dir):
+    """The saved results of a run that already ended (finished or diverged), else None."""
+    path = Path(run_dir) / "results.json"
+    try:
+        results = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return results if results.get("status") in DONE else None
+
+
+def add_slurm_checkpointing(jobs, options):
+    """On SLURM, make runs checkpoint (so preemption loses little) unless the
+    user chose ``checkpoint_every`` already."""
+    settings = executors.read_slurm_config(options["slurm"])
+    every = settings.get("checkpoint_every")
+    if not every:
+        return
+    for job in jobs:
+        job["overrides"].setdefault("checkpoint_every", int(every))
+
+
+def launch(executor, jobs):
+    """Submit the pending jobs, one batch (one SLURM array) per algorithm."""
+    handles, owners = [], []
+    for algorithm in dict.fromkeys(job["algorithm"] for job in jobs):
+        batch = [job for job in jobs if job["algorithm"] == algorithm]
+        handles.extend(executor.map(executors.TrainingRun(), batch, label=algorithm))
+        owners.extend(batch)
+    return handles, owners
+
+
+def collect(executor, handles, owners, records, bar):
+    """Wait for every handle, recording results as they arrive."""
+    for index, result in executor.as_completed(handles):
+        job = owners[index]
+        result = dict(result or {})
+        result.setdefault("run_dir", job["run_dir"])
+        if result.get("run_dir") is None:
+            result["run_dir"] = job["run_dir"]
+        records.append(record(job, result))
+        bar.update(1)
+        bar.set_postfix_str(f"{job['algorithm']} rep_{job['repetition']}: {result.get('status')}")
+
+
+def record(job, result, skipped=False):
+    """One summary line per run."""
+    return {"algorithm": job["algorithm"], "repetition": job["repetition"], "run_dir": job["run_dir"],
+            "status": result.get("status", executors.FAILED), "objective": result.get("objective"),
+            "error": result.get("error"), "skipped": skipped}
+
+
+def write_summary(path, summary):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    executors.write_atomically(path, json.dumps(summary, indent=2))
+
+
+def print_summary(summary, stream=sys.stderr):
+    counts = summary["counts"]
+    print(f"{summary['total']} runs: {counts.get('finished', 0)} finished, "
+          f"{counts.get('diverged', 0)} diverged, {counts.get('failed', 0)} failed "
+          f"({summary['skipped']} already done, {summary['launched']} launched) "
+          f"in {summary['wall_time_s']:.1f} s; logs: {summary['group_dir']}", file=stream)
+    for line in summary["runs"]:
+        if line["status"] == executors.FAILED:
+            print(f"  failed: {line['algorithm']} rep_{line['repetition']}: {line['error']} "
+                  f"(see {line['run_dir']}/error.txt)", file=stream)
+
+
+def run(options):
+    """Plan, skip what is done, execute the rest, summarise. Returns the summary dict."""
+    started = time.time()
+    jobs = plan(options)
+    group_dir = Path(options["log_root"]) / options["group"]
+    if options["executor"] == "slurm":
+        add_slurm_checkpointing(jobs, options)
+    records, pending = [], []
+    for job in jobs:
+        done = finished_result(job["run_dir"])
+        if done:
+            records.append(record(job, done, skipped=True))
+        else:
+            pending.append(job)
+    bar = tqdm(total=len(jobs), initial=len(jobs) - len(pending), desc="runs", unit="run",
+               disable=not options["progress"], file=sys.stderr)
+    if pending:
+        executor = executors.make_executor(options["executor"], group_dir / "slurm_logs",
+                                           options["slurm"], options["workers"])
+        handles, owners = launch(executor, pending)
+        try:
+            collect(executor, handles, owners, records, bar)
+        except KeyboardInterrupt:
+            cancel(executor, handles)
+            raise
+        finally:
+            executor.shutdown()
+    bar.close()
+    counts = {}
+    for line in records:
+        counts[line["status"]] = counts.get(line["status"], 0) + 1
+    summary = {"total": len(jobs), "skipped": len(jobs) - len(pending), "launched": len(pending),
+               "counts": counts, "wall_time_s": time.time() - started,
+               "group_dir": str(group_dir.resolve()),
+               "runs": sorted(records, key=lambda line: (line["algorithm"], line["repetition"]))}
+    write_summary(group_dir / "summary.json", summary)
+    return summary
+
+
+def cancel(executor, handles):
+    """On Ctrl-C, cancel submitted SLURM jobs so a re-run resumes them cleanly."""
+    for handle in handles:
+        if hasattr(handle, "cancel") and hasattr(handle, "job_id"):
+            try:
+                handle.cancel(check=False)
+            except Exception:  # noqa: BLE001 -- best effort on the way out
+                pass
+
+
+@exit_on_user_error
+def main(argv=None):
+    options = resolve_options(build_parser().parse_args(argv))
+    summary = run(options)
+    print_summary(summary)
+    return 1 if summary["counts"].get(executors.FAILED) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
