@@ -1,0 +1,152 @@
+"""Hypergradient methods: each turns a differentiable window of weight updates
+into the gradient of a validation loss with respect to the raw hyperparameters.
+
+The engine runs most weight steps without any graph. Only the last
+``method.differentiable_steps`` updates of each hyperparameter step are
+recorded (:func:`unroll`), from weights ``w_0`` (leaves) to ``w_K``, with
+the hyperparameters λ as graph inputs. A method then needs one thing:
+
+* ``Unrolled`` (Diff-through-Opt): the exact gradient of ``L_V(w_K)``
+  through all K recorded updates, by reverse mode. Memory grows with K.
+* ``Implicit`` (Clarke et al., ICLR 2022; Lorraine et al. 2020 when only the
+  weight decay is optimised): one recorded update ``w_1 = u(w_0, λ)`` and the
+  implicit function theorem at the fixed point ``w* = u(w*, λ)``::
+
+      dL_V/dλ = ∂L_V/∂w (I - ∂u/∂w)^{-1} ∂u/∂λ
+
+  with ``(I - ∂u/∂w)^{-1}`` from a pluggable solver (:mod:`linear_solvers`:
+  a truncated Neumann series of ``rollback_distance`` terms, as in the
+  paper, or conjugate gradients). ``∂L_V/∂λ`` (the direct term) is zero for
+  weight-update hyperparameters and is not computed.
+* ``Baydin`` (hypergradient descent, 2018): the greedy one-term case,
+  ``∂L_V(w_1)/∂w_1 · ∂u/∂λ``; for plain SGD on the learning rate this is
+  ``-∇L_V(w_1) · ∇L_T(w_0)``.
+
+All methods return one gradient per raw hyperparameter leaf (zeros for a
+leaf the loss does not depend on).
+"""
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+import linear_solvers
+from registry import Registry
+
+METHODS = Registry("hypergradient")
+
+
+@dataclass
+class Window:
+    """The recorded weight updates of one hyperparameter step."""
+    start: tuple               # w_0: leaf tensors that require grad
+    end: tuple                 # w_K: functions of w_0 and the hyperparameters
+    state: dict                # optimiser state after the window (with graph)
+    hyperparameters: list      # raw hyperparameter leaves (the outer variables)
+    validation_loss: Callable  # weights -> scalar validation loss on a fixed batch
+    training_losses: list      # detached training loss of each recorded step
+
+
+def unroll(params, state, optimiser, hyperparameters, training_loss, batches):
+    """Run one differentiable weight update per batch, keeping the graph.
+
+    ``training_loss(params, batch)`` is the scalar loss; ``hyperparameters``
+    is a :class:`hyperparameters.Hyperparameters`. The returned
+    :class:`Window`'s ``validation_loss`` is filled in by the caller.
+    """
+    start = tuple(p.detach().requires_grad_(True) for p in params)
+    state = {key: _detach(value) for key, value in state.items()}
+    natural = hyperparameters.natural()
+    weights = start
+    losses = []
+    for batch in batches:
+        loss = training_loss(weights, batch)
+        grads = torch.autograd.grad(loss, weights, create_graph=True)
+        weights, state = optimiser.update(weights, grads, state, natural)
+        losses.append(loss.detach())
+    return Window(start, weights, state, hyperparameters.leaves(), None, losses)
+
+
+def _detach(value):
+    if isinstance(value, tuple):
+        return tuple(v.detach() for v in value)
+    return value.detach()
+
+
+def _grad_or_zeros(outputs, inputs, grad_outputs=None):
+    grads = torch.autograd.grad(outputs, inputs, grad_outputs=grad_outputs, allow_unused=True)
+    return tuple(torch.zeros_like(x) if g is None else g for x, g in zip(inputs, grads))
+
+
+@METHODS.register("None")
+class NoHypergradient:
+    """Fixed hyperparameters: nothing is recorded or differentiated."""
+
+    def differentiable_steps(self, network_weight_steps):
+        return 0
+
+    def hypergradient(self, window):
+        raise RuntimeError("NoHypergradient has no hypergradient")
+
+
+@METHODS.register("Unrolled")
+class Unrolled:
+    """Exact hypergradient through the last ``window`` weight updates
+    (``window: null``: every update of the hyperparameter step)."""
+
+    def __init__(self, window=5):
+        if window is not None and (not isinstance(window, int) or window < 1):
+            raise ValueError(f"`window` must be a positive integer or null, got {window!r}")
+        self.window = window
+
+    def differentiable_steps(self, network_weight_steps):
+        if self.window is None:
+            return network_weight_steps
+        return min(self.window, network_weight_steps)
+
+    def hypergradient(self, window):
+        loss = window.validation_loss(window.end)
+        return _grad_or_zeros(loss, window.hyperparameters)
+
+
+@METHODS.register("Implicit")
+class Implicit:
+    """Implicit-function-theorem hypergradient through one weight update,
+    with ``(I - ∂u/∂w)^{-1}`` approximated by ``solver`` in
+    ``rollback_distance`` terms (Neumann) or iterations (CG)."""
+
+    def __init__(self, rollback_distance=5, solver="neumann"):
+        if not isinstance(rollback_distance, int) or rollback_distance < 1:
+            raise ValueError(f"`rollback_distance` must be a positive integer, "
+                             f"got {rollback_distance!r}")
+        self.rollback_distance = rollback_distance
+        self.solve = linear_solvers.get_solver(solver)
+        self.trajectory = None
+
+    def differentiable_steps(self, network_weight_steps):
+        return 1
+
+    def hypergradient(self, window):
+        end = tuple(w.detach().requires_grad_(True) for w in window.end)
+        validation_grad = torch.autograd.grad(window.validation_loss(end), end)
+
+        # v ↦ v ∂u/∂w is one double-backward through the recorded update.
+        inverse_product, self.trajectory = self.solve(
+            lambda v: _vjp(window.end, window.start, v), validation_grad,
+            self.rollback_distance)
+        return _vjp(window.end, window.hyperparameters, inverse_product)
+
+
+def _vjp(outputs, inputs, vector):
+    """``vector · ∂outputs/∂inputs``, keeping the graph for further products."""
+    grads = torch.autograd.grad(outputs, inputs, grad_outputs=vector, retain_graph=True,
+                                allow_unused=True)
+    return tuple(torch.zeros_like(x) if g is None else g for x, g in zip(inputs, grads))
+
+
+@METHODS.register("Baydin")
+class Baydin(Implicit):
+    """Greedy one-step hypergradient (hypergradient descent)."""
+
+    def __init__(self):
+        super().__init__(rollback_distance=1, solver="neumann")

@@ -1,0 +1,41 @@
+"""Shared fixtures: fixed seeds, one CPU thread per test process, the data root."""
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED_DATA = ROOT.parent / "shared" / "data"
+
+os.environ.setdefault("HYPERGRAD_DATA", str(SHARED_DATA))
+torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True)
+def _seeded():
+    torch.manual_seed(0)
+    yield
+
+
+@pytest.fixture
+def digits_trainer():
+    """A Trainer on the embedded digits data for an algorithm file (small batch)."""
+    import config
+    import train
+    from engine import Trainer
+
+    def make(algorithm, **overrides):
+        cfg = train.prepare(config.load(
+            [ROOT / "configs" / "digits.yaml", ROOT / "configs" / f"{algorithm}.yaml"],
+            {"batch_size": 32, "device": "cpu", **overrides}))
+        problem = train.load_problem(cfg, torch.device("cpu"), torch.float32)
+        return Trainer(cfg, problem, torch.device("cpu"), torch.float32)
+
+    return make
+
+
+@pytest.fixture
+def uci_available():
+    if not (Path(os.environ["HYPERGRAD_DATA"]) / "uci" / "energy" / "data.txt").is_file():
+        pytest.skip(f"UCI data not found under {os.environ['HYPERGRAD_DATA']}")
