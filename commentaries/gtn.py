@@ -1,0 +1,465 @@
+"""Generative Teaching Networks (Such et al., 2019) on the hypergradient engine.
+
+A *generator* maps noise and a class label to a synthetic image. A freshly
+initialised *learner* is trained for K inner SGD steps on K synthetic batches,
+with every update kept in the autograd graph (``torch.func.functional_call``
+on a dictionary of weights, no ``higher``), and its loss on a batch of *real*
+training data is differentiated back through all K steps into the generator
+(Raghu et al.'s Algorithm 1: backpropagation through training). The inner
+learning rate is learned too, as in the paper.
+
+Three input variants, chosen by ``input``:
+
+* ``learned``: the generator's K×B noise inputs are themselves a learned
+  tensor, one slice per inner step, so the generator can teach a *curriculum*;
+* ``fixed``: a fixed random K×B tensor, drawn once;
+* ``noise``: fresh Gaussian noise every outer step.
+
+The curriculum check trains fresh learners on the generated batches in the
+learned order and in shuffled orders and reports the test-accuracy drop; a
+grid of generated samples per inner step is written as a PNG and logged to
+TensorBoard. ``input: real`` is the baseline without a generator: the learner
+takes K steps on random real training batches (only its learning rate is
+learned).
+
+Data (``data: {class: Digits}``) is scikit-learn's embedded 8×8 digits,
+so everything runs offline and on a CPU in seconds.
+"""
+import math
+import os
+import tempfile
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch import nn  # noqa: E402
+from torch.func import functional_call  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from commentaries import TEACHERS  # noqa: E402
+from errors import UserError  # noqa: E402
+
+INPUT_KINDS = ("learned", "fixed", "noise", "real")
+DIVERGED_OBJECTIVE = 1e10
+SPLIT_SEED = 0  # the data split is the same for every run seed, so runs compare
+
+
+# ----------------------------------------------------------------------------- options
+
+def check_int(key, value, minimum=0, allow_none=False):
+    """``value`` as an int >= ``minimum``; a ``teaching.<key>`` UserError otherwise."""
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise UserError(f"teaching.{key}: must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def check_float(key, value, minimum=None, maximum=None, strict=False):
+    """``value`` as a float inside the given range; a UserError naming the key otherwise."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise UserError(f"teaching.{key}: must be a finite number, got {value!r}")
+    too_small = minimum is not None and (value <= minimum if strict else value < minimum)
+    too_large = maximum is not None and value > maximum
+    if too_small or too_large:
+        low = "-inf" if minimum is None else minimum
+        high = "inf" if maximum is None else maximum
+        bracket = "(" if strict else "["
+        raise UserError(f"teaching.{key}: must lie in {bracket}{low}, {high}], got {value!r}")
+    return float(value)
+
+
+def check_choice(key, value, choices):
+    if value not in choices:
+        raise UserError(f"teaching.{key}: must be one of {', '.join(choices)}, got {value!r}")
+    return value
+
+
+# ----------------------------------------------------------------------------- data
+
+def digit_splits(spec, dtype=torch.float32):
+    """Embedded 8×8 digits as ``{"train", "validation", "test"}`` -> (images, labels).
+
+    ``spec`` is the ``teaching.data`` mapping: ``{class: Digits, validation_size,
+    test_size}``. Pixels are scaled to [0, 1] (the generator's output range).
+    """
+    from sklearn.datasets import load_digits
+
+    spec = {"class": "Digits"} if spec is None else spec
+    if not isinstance(spec, dict) or spec.get("class") != "Digits":
+        raise UserError(f"teaching.data: must be a mapping with class: Digits, got {spec!r}")
+    unknown = set(spec) - {"class", "validation_size", "test_size"}
+    if unknown:
+        raise UserError(f"teaching.data: unknown option(s) {sorted(unknown)}; "
+                        "valid options: validation_size=300, test_size=400")
+    validation_size = check_int("data.validation_size", spec.get("validation_size", 300), 1)
+    test_size = check_int("data.test_size", spec.get("test_size", 400), 1)
+    digits = load_digits()
+    images = torch.tensor(digits.images, dtype=dtype).unsqueeze(1) / 16.0
+    labels = torch.tensor(digits.target, dtype=torch.long)
+    if validation_size + test_size >= len(labels) - 10:
+        raise UserError(f"teaching.data: validation_size + test_size must leave training data "
+                        f"(there are {len(labels)} digits)")
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(SPLIT_SEED))
+    test, validation, train = (order[:test_size], order[test_size:test_size + validation_size],
+                               order[test_size + validation_size:])
+    return {name: (images[index], labels[index])
+            for name, index in (("train", train), ("validation", validation), ("test", test))}
+
+
+# ----------------------------------------------------------------------------- networks
+
+class Generator(nn.Module):
+    """(noise, label) -> image in [0, 1]: an MLP on the noise and the one-hot label."""
+
+    def __init__(self, noise_size, num_classes, image_shape, hidden_size=128):
+        super().__init__()
+        self.num_classes = num_classes
+        self.image_shape = tuple(image_shape)
+        self.net = nn.Sequential(
+            nn.Linear(noise_size + num_classes, hidden_size), nn.LeakyReLU(0.1),
+            nn.Linear(hidden_size, hidden_size), nn.LeakyReLU(0.1),
+            nn.Linear(hidden_size, math.prod(self.image_shape)))
+
+    def forward(self, noise, labels):
+        one_hot = F.one_hot(labels, self.num_classes).to(noise.dtype)
+        pixels = torch.sigmoid(self.net(torch.cat([noise, one_hot], dim=-1)))
+        return pixels.view(-1, *self.image_shape)
+
+
+def make_learner(input_size, hidden_size, num_classes):
+    """The learner architecture; its weights live outside it, in a dictionary."""
+    return nn.Sequential(nn.Flatten(), nn.Linear(input_size, hidden_size), nn.ReLU(),
+                         nn.Linear(hidden_size, num_classes))
+
+
+def init_learner_params(learner, rng, dtype=None, device=None):
+    """Fresh weights for ``learner`` as leaf tensors, PyTorch's default Linear
+    initialisation (U[-1/√fan_in, 1/√fan_in]) drawn from ``rng``, so every outer
+    step meets a new learner yet runs are reproducible."""
+    params = {}
+    for name, parameter in learner.named_parameters():
+        module = learner.get_submodule(name.rsplit(".", 1)[0])
+        bound = 1.0 / math.sqrt(module.in_features)
+        draw = torch.rand(parameter.shape, generator=rng, dtype=torch.float64)
+        value = (2 * draw - 1) * bound
+        params[name] = value.to(dtype=dtype or parameter.dtype, device=device or parameter.device)
+    return params
+
+
+# ----------------------------------------------------------------------------- inner loop
+
+def train_learner(learner, params, images, labels, lr, momentum=0.0, differentiable=True,
+                  truncation=None, on_step=None):
+    """K steps of SGD with momentum on the batches ``images[k]`` (labels ``labels[k]``).
+
+    With ``differentiable`` every update stays in the graph (create_graph), so
+    the returned weights are functions of the images and of ``lr``. With
+    ``truncation = T`` the graph is cut before the last T steps (a memory-bounded
+    mode: memory grows with T, not K). ``on_step(k, params)`` sees the weights
+    after each step (for accuracy-along-training curves).
+    """
+    with torch.enable_grad():  # the inner steps need gradients even when evaluating
+        return _sgd_steps(learner, params, images, labels, lr, momentum, differentiable,
+                          truncation, on_step)
+
+
+def _sgd_steps(learner, params, images, labels, lr, momentum, differentiable, truncation, on_step):
+    steps = len(images)
+    params = {name: value if value.requires_grad else value.detach().requires_grad_()
+              for name, value in params.items()}
+    velocity = {name: torch.zeros_like(value) for name, value in params.items()}
+    for step in range(steps):
+        if differentiable and truncation is not None and step == steps - truncation:
+            params = {name: value.detach().requires_grad_() for name, value in params.items()}
+            velocity = {name: value.detach() for name, value in velocity.items()}
+        loss = F.cross_entropy(functional_call(learner, params, (images[step],)), labels[step])
+        grads = torch.autograd.grad(loss, list(params.values()), create_graph=differentiable)
+        velocity = {name: momentum * velocity[name] + grad for name, grad in zip(params, grads)}
+        params = {name: params[name] - lr * velocity[name] for name in params}
+        if not differentiable:
+            params = {name: value.detach().requires_grad_() for name, value in params.items()}
+            velocity = {name: value.detach() for name, value in velocity.items()}
+        if on_step is not None:
+            on_step(step, params)
+    return params
+
+
+def balanced_labels(steps, batch_size, num_classes, device=None):
+    """Labels of the synthetic batches: every class equally often, same each step."""
+    return (torch.arange(batch_size, device=device) % num_classes).expand(steps, batch_size)
+
+
+def generate(generator, inputs, labels):
+    """Synthetic images for inputs [K, B, noise] and labels [K, B] -> [K, B, *image]."""
+    steps, batch = labels.shape
+    images = generator(inputs.reshape(steps * batch, -1), labels.reshape(-1))
+    return images.view(steps, batch, *generator.image_shape)
+
+
+def meta_loss(generator, inputs, labels, learner, init_params, lr, momentum, real_images,
+              real_labels, truncation=None):
+    """Loss on real data of a learner trained by K differentiable steps on generated data."""
+    images = generate(generator, inputs, labels)
+    params = train_learner(learner, init_params, images, labels, lr, momentum,
+                           differentiable=True, truncation=truncation)
+    return F.cross_entropy(functional_call(learner, params, (real_images,)), real_labels)
+
+
+# ----------------------------------------------------------------------------- the teacher
+
+class Teacher:
+    """Everything learned in the outer loop: generator, inputs (if learned), log lr."""
+
+    def __init__(self, input_kind, noise_size, num_classes, image_shape, generator_hidden,
+                 inner_steps, batch_size, inner_lr, learn_inner_lr, rng, device):
+        self.input_kind = input_kind
+        self.noise_size = noise_size
+        self.inner_steps = inner_steps
+        self.batch_size = batch_size
+        self.rng = rng
+        self.generator = None
+        self.inputs = None
+        if input_kind != "real":
+            self.generator = Generator(noise_size, num_classes, image_shape, generator_hidden).to(device)
+        if input_kind in ("learned", "fixed"):
+            inputs = torch.randn(inner_steps, batch_size, noise_size, generator=rng).to(device)
+            self.inputs = nn.Parameter(inputs, requires_grad=input_kind == "learned")
+        self.log_lr = nn.Parameter(torch.tensor(math.log(inner_lr), device=device),
+                                   requires_grad=learn_inner_lr)
+        self.labels = balanced_labels(inner_steps, batch_size, num_classes, device)
+
+    def parameters(self):
+        params = [] if self.generator is None else list(self.generator.parameters())
+        params += [p for p in (self.inputs, self.log_lr) if p is not None and p.requires_grad]
+        return params
+
+    def lr(self):
+        return self.log_lr.exp()
+
+    def draw_inputs(self, rng=None):
+        """The K×B generator inputs for one learner (fresh noise for ``noise``)."""
+        if self.input_kind == "noise":
+            noise = torch.randn(self.inner_steps, self.batch_size, self.noise_size,
+                                generator=rng or self.rng)
+            return noise.to(self.log_lr.device)
+        return self.inputs
+
+    def batches(self, train_images, train_labels, rng=None, order=None):
+        """The K training batches (images, labels) for one learner.
+
+        ``order`` permutes the inner steps (the curriculum check)."""
+        if self.input_kind == "real":
+            index = torch.randint(len(train_labels), (self.inner_steps, self.batch_size),
+                                  generator=rng or self.rng).to(train_labels.device)
+            images, labels = train_images[index], train_labels[index]
+        else:
+            inputs, labels = self.draw_inputs(rng), self.labels
+            if order is not None:
+                inputs, labels = inputs[order], labels[order]
+            images = generate(self.generator, inputs, labels)
+        return images, labels
+
+
+def evaluate(teacher, learner, train, splits, learners, momentum, seed, order=None, curve_on=None):
+    """Train ``learners`` fresh learners on the teacher's batches (no graph) and
+    average loss/accuracy on every split in ``splits``; optionally the accuracy
+    on split ``curve_on`` after every inner step. ``train`` is the real training
+    data (sampled only by the ``real`` baseline)."""
+    rng = torch.Generator().manual_seed(seed)
+    device = teacher.log_lr.device
+    totals = {}
+    curve = torch.zeros(teacher.inner_steps)
+    for _ in range(learners):
+        with torch.no_grad():
+            images, labels = teacher.batches(*train, rng=rng, order=order)
+        params = init_learner_params(learner, rng, device=device)
+
+        def record(step, params):
+            if curve_on is not None:
+                with torch.no_grad():
+                    x, y = splits[curve_on]
+                    logits = functional_call(learner, params, (x,))
+                    curve[step] += (logits.argmax(-1) == y).double().mean().cpu() / learners
+
+        params = train_learner(learner, params, images, labels, teacher.lr().detach(),
+                               momentum, differentiable=False, on_step=record)
+        with torch.no_grad():
+            for name, (x, y) in splits.items():
+                logits = functional_call(learner, params, (x,))
+                loss = F.cross_entropy(logits, y)
+                accuracy = (logits.argmax(-1) == y).double().mean()
+                totals[name] = totals.get(name, 0) + torch.stack([loss.double(), accuracy]) / learners
+    metrics = {name: (float(value[0]), float(value[1])) for name, value in totals.items()}
+    return metrics, curve.tolist()
+
+
+# ----------------------------------------------------------------------------- plots
+
+def atomic_savefig(figure, path):
+    """Write a PNG via a temporary file in the same directory, then os.replace."""
+    handle, temporary = tempfile.mkstemp(suffix=".png", dir=os.path.dirname(path))
+    os.close(handle)
+    figure.savefig(temporary, dpi=100)
+    os.replace(temporary, path)
+
+
+def plot_samples(teacher, path, writer, step, max_rows=12):
+    """Grid of generated samples: a row per inner step (evenly spaced when K is
+    large), a column per class."""
+    if teacher.generator is None:
+        return
+    with torch.no_grad():
+        rng = torch.Generator().manual_seed(1)
+        images = generate(teacher.generator, teacher.draw_inputs(rng), teacher.labels).cpu().numpy()
+    steps, classes = images.shape[0], teacher.generator.num_classes
+    rows = sorted(set(torch.linspace(0, steps - 1, min(steps, max_rows)).round().long().tolist()))
+    columns = min(classes, teacher.batch_size)
+    figure, axes = plt.subplots(len(rows), columns, figsize=(0.8 * columns + 1, 0.8 * len(rows) + 0.6),
+                                squeeze=False)
+    for row, step in enumerate(rows):
+        for column in range(columns):
+            axis = axes[row][column]
+            axis.imshow(images[step, column, 0], cmap="gray_r", vmin=0, vmax=1)
+            axis.set_xticks([])
+            axis.set_yticks([])
+            if row == 0:
+                axis.set_title(f"{int(teacher.labels[0, column])}", fontsize=9)
+            if column == 0:
+                axis.set_ylabel(f"step {step + 1}", fontsize=8)
+    figure.suptitle(f"GTN ({teacher.input_kind} input): generated samples per inner step", fontsize=10)
+    figure.tight_layout()
+    atomic_savefig(figure, path)
+    writer.add_figure("GTN/Generated_Samples", figure, step)  # closes the figure
+
+
+def plot_curriculum(curves, path, writer, step):
+    """Test accuracy of learners along the inner steps: learned order vs shuffled."""
+    figure, axis = plt.subplots(figsize=(5, 3.5))
+    for label, curve in curves.items():
+        axis.plot(range(1, len(curve) + 1), curve, marker="o", label=label)
+    axis.set_xlabel("inner step")
+    axis.set_ylabel("test accuracy")
+    axis.set_ylim(0, 1)
+    axis.grid(alpha=0.3)
+    axis.legend()
+    axis.set_title("Learners trained on generated batches")
+    figure.tight_layout()
+    atomic_savefig(figure, path)
+    writer.add_figure("GTN/Curriculum", figure, step)
+
+
+# ----------------------------------------------------------------------------- entry point
+
+@TEACHERS.register("GTN", aliases=["GenerativeTeachingNetwork"])
+def generative_teaching_network(*, context, data=None, input="learned", outer_steps=300,
+                                inner_steps=8, batch_size=50, real_batch_size=256, noise_size=16,
+                                generator_hidden=128, learner_hidden=64, inner_lr=0.1,
+                                learn_inner_lr=True, inner_momentum=0.5, outer_lr=0.01,
+                                max_grad_norm=10.0, truncation=None, eval_learners=4,
+                                shuffles=4, log_interval=50):
+    """Train a GTN teacher and return the run's results (see module docstring)."""
+    input_kind = check_choice("input", input, INPUT_KINDS)
+    outer_steps = check_int("outer_steps", outer_steps, 0)
+    inner_steps = check_int("inner_steps", inner_steps, 1)
+    batch_size = check_int("batch_size", batch_size, 1)
+    real_batch_size = check_int("real_batch_size", real_batch_size, 1)
+    noise_size = check_int("noise_size", noise_size, 1)
+    generator_hidden = check_int("generator_hidden", generator_hidden, 1)
+    learner_hidden = check_int("learner_hidden", learner_hidden, 1)
+    inner_lr = check_float("inner_lr", inner_lr, 0.0, strict=True)
+    inner_momentum = check_float("inner_momentum", inner_momentum, 0.0, 1.0)
+    outer_lr = check_float("outer_lr", outer_lr, 0.0)
+    max_grad_norm = check_float("max_grad_norm", max_grad_norm, 0.0, strict=True)
+    truncation = check_int("truncation", truncation, 1, allow_none=True)
+    eval_learners = check_int("eval_learners", eval_learners, 1)
+    shuffles = check_int("shuffles", shuffles, 0)
+    log_interval = check_int("log_interval", log_interval, 1)
+    if not isinstance(learn_inner_lr, bool):
+        raise UserError(f"teaching.learn_inner_lr: must be true or false, got {learn_inner_lr!r}")
+    if truncation is not None and truncation > inner_steps:
+        raise UserError(f"teaching.truncation: must be at most inner_steps ({inner_steps}), got {truncation}")
+
+    device = context.device
+    splits = {name: (x.to(device), y.to(device)) for name, (x, y) in digit_splits(data).items()}
+    train_images, train_labels = splits["train"]
+    num_classes, image_shape = 10, tuple(train_images.shape[1:])
+    rng = torch.Generator().manual_seed(context.seed)
+    teacher = Teacher(input_kind, noise_size, num_classes, image_shape, generator_hidden,
+                      inner_steps, batch_size, inner_lr, learn_inner_lr, rng, device)
+    learner = make_learner(math.prod(image_shape), learner_hidden, num_classes).to(device)
+    parameters = teacher.parameters()
+    optimiser = torch.optim.Adam(parameters, lr=outer_lr) if parameters else None
+    writer, run_dir = context.writer, context.run_dir
+
+    status, step = "finished", 0
+    interval_loss, interval_steps = torch.zeros((), device=device), 0
+    for step in tqdm(range(1, outer_steps + 1), desc="GTN outer steps", disable=not context.progress):
+        real = torch.randint(len(train_labels), (real_batch_size,), generator=rng).to(device)
+        init_params = init_learner_params(learner, rng, device=device)
+        images, labels = teacher.batches(train_images, train_labels)
+        params = train_learner(learner, init_params, images, labels, teacher.lr(), inner_momentum,
+                               differentiable=True, truncation=truncation)
+        loss = F.cross_entropy(functional_call(learner, params, (train_images[real],)), train_labels[real])
+        interval_loss += loss.detach()
+        interval_steps += 1
+        if optimiser is not None:
+            optimiser.zero_grad()
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(parameters, max_grad_norm)
+            optimiser.step()
+        if step % log_interval == 0 or step == outer_steps:
+            mean_loss = float(interval_loss) / interval_steps
+            interval_loss.zero_()
+            interval_steps = 0
+            if not math.isfinite(mean_loss):
+                status = "diverged"
+                break
+            writer.add_scalar("Loss/Training", mean_loss, step)
+            writer.add_scalar("Hyperparameter/Lr", float(teacher.lr().detach()), step)
+            if optimiser is not None:
+                writer.add_scalar("Hypergradient/Norm", float(grad_norm), step)
+            metrics, _ = evaluate(teacher, learner, splits["train"], {"validation": splits["validation"]},
+                                  eval_learners, inner_momentum, seed=context.seed + 1)
+            writer.add_scalar("Loss/Validation", metrics["validation"][0], step)
+            writer.add_scalar("Accuracy/Validation", metrics["validation"][1], step)
+
+    if status == "diverged":
+        return {"status": "diverged", "final": {}, "objective": DIVERGED_OBJECTIVE,
+                "teacher_steps_done": step}
+    return finish(teacher, learner, splits, eval_learners, shuffles, inner_momentum, context,
+                  outer_steps)
+
+
+def finish(teacher, learner, splits, eval_learners, shuffles, momentum, context, step):
+    """Final evaluation, the curriculum (shuffled-order) check and the plots."""
+    writer, run_dir = context.writer, context.run_dir
+    metrics, curve = evaluate(teacher, learner, splits["train"], splits, eval_learners, momentum,
+                              seed=context.seed + 2, curve_on="test")
+    final = {}
+    for name, tag in (("train", "Training"), ("validation", "Validation"), ("test", "Test")):
+        final[f"Loss/{tag}"], final[f"Accuracy/{tag}"] = metrics[name]
+    curves = {"learned order": curve}
+    if teacher.input_kind in ("learned", "fixed") and shuffles > 0:
+        shuffled_accuracy, shuffled_curve = 0.0, torch.zeros(teacher.inner_steps)
+        order_rng = torch.Generator().manual_seed(context.seed + 3)
+        for _ in range(shuffles):
+            order = torch.randperm(teacher.inner_steps, generator=order_rng).to(teacher.log_lr.device)
+            shuffled, curve = evaluate(teacher, learner, splits["train"], {"test": splits["test"]}, eval_learners,
+                                       momentum, seed=context.seed + 2, order=order, curve_on="test")
+            shuffled_accuracy += shuffled["test"][1] / shuffles
+            shuffled_curve += torch.tensor(curve) / shuffles
+        final["Accuracy/Test_Shuffled_Order"] = shuffled_accuracy
+        final["Accuracy/Shuffle_Drop"] = final["Accuracy/Test"] - shuffled_accuracy
+        curves["shuffled order"] = shuffled_curve.tolist()
+    for tag, value in final.items():
+        writer.add_scalar(f"Final/{tag}", value, step)
+    plot_samples(teacher, str(run_dir / "generated_samples.png"), writer, step)
+    plot_curriculum(curves, str(run_dir / "inner_step_accuracy.png"), writer, step)
+    writer.flush()
+    return {"status": "finished", "final": final, "objective": final["Loss/Validation"],
+            "teacher_steps_done": step,
+            "hyperparameters": {"lr": float(teacher.lr().detach()), "momentum": momentum}}

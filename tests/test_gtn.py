@@ -1,0 +1,138 @@
+"""Generative Teaching Networks: hypergradients against finite differences,
+learning on the embedded digits, the curriculum check, plots and logs."""
+import pathlib
+import types
+
+import pytest
+import torch
+from torch.utils.tensorboard import SummaryWriter
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from commentaries import gtn
+from errors import UserError
+
+
+def make_context(tmp_path, seed=0):
+    torch.manual_seed(seed)
+    run_dir = pathlib.Path(tmp_path)
+    return types.SimpleNamespace(run_dir=run_dir, writer=SummaryWriter(str(run_dir)),
+                                 device=torch.device("cpu"), seed=seed, progress=False)
+
+
+def tiny_problem(steps=3, truncation=None):
+    """A float64 GTN small enough for finite differences on every parameter."""
+    torch.manual_seed(0)
+    classes, shape, noise_size, batch = 3, (1, 2, 2), 2, 4
+    generator = gtn.Generator(noise_size, classes, shape, hidden_size=5).double()
+    inputs = torch.randn(steps, batch, noise_size, dtype=torch.float64, requires_grad=True)
+    log_lr = torch.tensor(-0.5, dtype=torch.float64, requires_grad=True)
+    labels = gtn.balanced_labels(steps, batch, classes)
+    learner = gtn.make_learner(4, 8, classes).double()
+    init = gtn.init_learner_params(learner, torch.Generator().manual_seed(1), dtype=torch.float64)
+    real_x = torch.rand(6, *shape, dtype=torch.float64)
+    real_y = torch.tensor([0, 1, 2, 0, 1, 2])
+
+    def loss():
+        return gtn.meta_loss(generator, inputs, labels, learner, init, log_lr.exp(), 0.5,
+                             real_x, real_y, truncation=truncation)
+
+    return loss, list(generator.parameters()) + [inputs, log_lr]
+
+
+def central_difference(loss, tensor, index, epsilon=1e-6):
+    original = tensor.view(-1)[index].item()
+    values = []
+    for shift in (epsilon, -epsilon):
+        with torch.no_grad():
+            tensor.view(-1)[index] = original + shift
+        values.append(loss().item())
+    with torch.no_grad():
+        tensor.view(-1)[index] = original
+    return (values[0] - values[1]) / (2 * epsilon)
+
+
+def test_unrolled_hypergradient_matches_finite_differences():
+    loss, teacher_params = tiny_problem()
+    grads = torch.autograd.grad(loss(), teacher_params)
+    checked = 0
+    for tensor, grad in zip(teacher_params, grads):
+        for index in torch.linspace(0, tensor.numel() - 1, min(tensor.numel(), 5)).long().tolist():
+            expected = central_difference(loss, tensor, index)
+            assert grad.reshape(-1)[index].item() == pytest.approx(expected, rel=1e-5, abs=1e-8)
+            checked += 1
+    assert checked >= 30 and all(g.abs().max() > 1e-5 for g in grads)  # every part gets signal
+
+
+def test_truncation_over_all_steps_is_the_full_gradient_and_shorter_windows_differ():
+    full_loss, full_params = tiny_problem(steps=4)
+    full = torch.autograd.grad(full_loss(), full_params)
+    window_loss, window_params = tiny_problem(steps=4, truncation=4)
+    window = torch.autograd.grad(window_loss(), window_params)
+    for a, b in zip(full, window):
+        torch.testing.assert_close(a, b)
+    short_loss, short_params = tiny_problem(steps=4, truncation=1)
+    short = torch.autograd.grad(short_loss(), short_params, allow_unused=True, materialize_grads=True)
+    inputs_grad = short[-2]
+    assert torch.all(inputs_grad[:3] == 0) and inputs_grad[3].abs().max() > 0
+
+
+SMALL = dict(inner_steps=4, batch_size=20, real_batch_size=128, inner_lr=0.5, eval_learners=2,
+             shuffles=2, log_interval=10)
+
+
+def test_learned_curriculum_lowers_outer_objective_and_logs(tmp_path):
+    initial = gtn.generative_teaching_network(context=make_context(tmp_path / "init"),
+                                              outer_steps=0, **SMALL)
+    context = make_context(tmp_path / "trained")
+    trained = gtn.generative_teaching_network(context=context, outer_steps=60, **SMALL)
+    context.writer.close()
+    assert trained["status"] == "finished" and trained["teacher_steps_done"] == 60
+    assert initial["objective"] > 2.0  # untrained generator: near-chance learners
+    assert trained["objective"] < 0.75 * initial["objective"]
+    assert trained["final"]["Accuracy/Test"] > initial["final"]["Accuracy/Test"] + 0.3
+    final = trained["final"]
+    assert final["Accuracy/Shuffle_Drop"] == pytest.approx(
+        final["Accuracy/Test"] - final["Accuracy/Test_Shuffled_Order"])
+    assert trained["objective"] == final["Loss/Validation"]
+    for png in ("generated_samples.png", "inner_step_accuracy.png"):
+        assert (tmp_path / "trained" / png).stat().st_size > 1000
+    events = EventAccumulator(str(tmp_path / "trained"), size_guidance={"scalars": 0, "images": 0})
+    events.Reload()
+    validation = events.Scalars("Loss/Validation")
+    assert [event.step for event in validation] == [10, 20, 30, 40, 50, 60]
+    assert validation[-1].value < validation[0].value
+    assert "GTN/Generated_Samples" in events.Tags()["images"]
+    assert events.Scalars("Final/Loss/Validation")[-1].value == pytest.approx(trained["objective"], rel=1e-6)
+
+
+def test_fresh_noise_and_real_data_baselines_run(tmp_path):
+    noise = gtn.generative_teaching_network(context=make_context(tmp_path / "n"), input="noise",
+                                            outer_steps=12, **SMALL)
+    assert "Accuracy/Shuffle_Drop" not in noise["final"]  # fresh noise has no order to shuffle
+    assert noise["objective"] < 2.25
+    real = gtn.generative_teaching_network(context=make_context(tmp_path / "r"), input="real",
+                                           outer_steps=12, **SMALL)
+    assert real["status"] == "finished" and not (tmp_path / "r" / "generated_samples.png").exists()
+
+
+def test_fixed_input_is_not_learned_and_shuffled_batches_are_a_permutation():
+    rng = torch.Generator().manual_seed(0)
+    teacher = gtn.Teacher("fixed", 4, 10, (1, 8, 8), 16, 5, 10, 0.1, True, rng, torch.device("cpu"))
+    assert all(p is not teacher.inputs for p in teacher.parameters())
+    order = torch.tensor([4, 2, 0, 1, 3])
+    images, _ = teacher.batches(None, None)
+    shuffled, labels = teacher.batches(None, None, order=order)
+    torch.testing.assert_close(shuffled, images[order])
+    assert torch.equal(labels, teacher.labels[order])
+
+
+@pytest.mark.parametrize("options, key", [
+    ({"input": "learnt"}, "teaching.input"),
+    ({"inner_steps": 0}, "teaching.inner_steps"),
+    ({"inner_lr": -1.0}, "teaching.inner_lr"),
+    ({"truncation": 9, "inner_steps": 3}, "teaching.truncation"),
+    ({"data": {"class": "MNIST"}}, "teaching.data"),
+])
+def test_bad_options_are_user_errors(tmp_path, options, key):
+    with pytest.raises(UserError, match=key):
+        gtn.generative_teaching_network(context=make_context(tmp_path), **options)
