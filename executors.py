@@ -259,6 +259,30 @@ def submitit_parameters(settings, label=None):
     return parameters
 
 
+def sbatch_text(settings, label=None, folder="slurm_logs", array_size=None):
+    """The sbatch script submitit writes for one job array of ``label``, built
+    by submitit's own code from our settings (for checks and dry runs; needs
+    no cluster)."""
+    from submitit.slurm import slurm as submitit_slurm
+
+    equivalent = submitit_slurm.SlurmExecutor._equivalence_dict()
+    options = {}
+    for key, value in submitit_parameters(settings, label).items():
+        if key.startswith("slurm_"):
+            options[key[len("slurm_"):]] = value
+        elif key in equivalent:
+            options[equivalent[key]] = value
+    if "mem" in options:
+        options["mem"] = submitit_slurm._convert_mem(options["mem"])
+    if array_size:
+        options["map_count"] = int(array_size)
+    try:
+        return submitit_slurm._make_sbatch_string(
+            command="python -u -m submitit.core._submit", folder=str(folder), **options)
+    except (ValueError, TypeError) as error:
+        raise UserError(f"slurm settings: {one_line(error)}") from None
+
+
 def check_slurm_reachable():
     """A one-line :class:`UserError` unless SLURM's controller answers."""
     if shutil.which("sinfo") is None or shutil.which("srun") is None:
@@ -292,12 +316,6 @@ class SlurmExecutor:
             self._executor.update_parameters(**submitit_parameters(self.settings, label))
         except (ValueError, NameError, AssertionError) as error:
             raise UserError(f"slurm settings: {one_line(error)}") from None
-
-    def sbatch_script(self, label=None):
-        """The sbatch file submitit would write (for checks and dry runs)."""
-        self.update(label)
-        inner = self._executor._executor
-        return inner._make_submission_file_text("python -m submitit.core._submit", "0")
 
     def map(self, function, jobs, label=None):
         """Submit ``jobs`` as one SLURM job array; one submitit Job per job."""

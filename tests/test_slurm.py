@@ -1,0 +1,160 @@
+"""SLURM through submitit, against a real one-node cluster (slurm/local-cluster.sh).
+
+The sbatch-option tests need no cluster. The others need SLURM: CI starts it
+with ``slurm/local-cluster.sh start``; locally they are skipped when ``sinfo``
+is not installed, and the fixture starts the cluster when it is installed
+but not running (as root).
+"""
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import executors
+import parallel_exec
+from errors import UserError
+
+REPOSITORY = Path(__file__).resolve().parents[1]
+ENERGY = str(REPOSITORY / "configs" / "uci_energy.yaml")
+LOCAL_SLURM = str(REPOSITORY / "slurm" / "local.yaml")
+
+
+@pytest.fixture(scope="module")
+def slurm_cluster():
+    """A running SLURM whose node is idle; skip when SLURM is not installed here."""
+    if shutil.which("sinfo") is None:
+        pytest.skip("SLURM not installed here: run `slurm/local-cluster.sh start` (CI does)")
+    script = REPOSITORY / "slurm" / "local-cluster.sh"
+    if subprocess.run([str(script), "status"], capture_output=True).returncode != 0:
+        if os.geteuid() != 0:
+            pytest.skip("SLURM installed but not running, and starting it needs root")
+        subprocess.run([str(script), "start"], check=True, timeout=300)
+    os.environ.setdefault("HYPERGRAD_DATA", str(REPOSITORY.parent / "shared" / "data"))
+
+
+# ------------------------------------------------------------------ no cluster needed
+
+def test_sbatch_options_come_from_yaml():
+    settings = executors.read_slurm_config(REPOSITORY / "slurm" / "cifar10.yaml")
+    script = executors.sbatch_text(settings, "LongDiffThroughOpt_UCI_Full", folder="/logs", array_size=50)
+    assert "#SBATCH --partition=gpu" in script
+    assert "#SBATCH --time=1440" in script  # the LongDiffThroughOpt_* limit
+    assert "#SBATCH --gpus-per-node=1" in script
+    assert "#SBATCH --cpus-per-task=8" in script
+    assert "#SBATCH --mem=32GB" in script
+    assert "#SBATCH --array=0-49%32" in script  # array parallelism
+    assert "#SBATCH --signal=USR2@90" in script
+    assert f"export PYTHONPATH={REPOSITORY}:" in script
+    assert "export HYPERGRAD_DATA=" in script
+    assert "#SBATCH --time=240" in executors.sbatch_text(settings, "Random")
+    assert "#SBATCH --time=480" in executors.sbatch_text(settings, "Ours_LR")  # the default
+
+
+def test_every_shipped_slurm_file_is_valid():
+    for path in sorted((REPOSITORY / "slurm").glob("*.yaml")):
+        executors.sbatch_text(executors.read_slurm_config(path), "Random", array_size=3)
+
+
+def test_unknown_slurm_option_lists_valid_ones_with_defaults():
+    with pytest.raises(UserError) as error:
+        executors.read_slurm_config({"partion": "gpu"})
+    message = str(error.value)
+    assert "unknown SLURM option 'partion'" in message and "did you mean 'partition'" in message
+    assert "timeout_min=60" in message and "array_parallelism=256" in message
+
+
+def test_unreachable_slurm_is_one_line_exit_2(tmp_path):
+    environment = {**os.environ, "PATH": str(tmp_path)}  # no sinfo, no srun
+    answer = subprocess.run(
+        [sys.executable, str(REPOSITORY / "parallel_exec.py"), "-c", ENERGY, "--algorithms", "Random",
+         "--repetitions", "1", "--executor", "slurm", "-l", str(tmp_path), "--no-progress"],
+        capture_output=True, text=True, env=environment, cwd=tmp_path, timeout=120)
+    assert answer.returncode == 2
+    assert answer.stderr.startswith("error: SLURM is unreachable")
+    assert answer.stderr.count("\n") == 1
+
+
+# ------------------------------------------------------------------ real cluster
+
+def sacct_states(job_ids):
+    """``{job_id: state}`` from SLURM accounting, for array tasks ``A_i``."""
+    output = subprocess.run(["sacct", "-n", "-X", "-P", "-o", "JobID,State", "-j", ",".join(job_ids)],
+                            capture_output=True, text=True, check=True).stdout
+    return dict(line.split("|")[:2] for line in output.split())
+
+
+def test_fanout_runs_as_a_job_array(slurm_cluster, tmp_path):
+    arguments = ["-c", ENERGY, "--algorithms", "Random", "Ours_LR", "--repetitions", "2",
+                 "--executor", "slurm", "--slurm", LOCAL_SLURM, "-l", str(tmp_path), "-g", "array",
+                 "--set", "hyperparameter_steps=20", "--no-progress"]
+    assert parallel_exec.main(arguments) == 0
+    summary = json.loads((tmp_path / "array" / "summary.json").read_text())
+    assert summary["counts"] == {"finished": 4} and summary["launched"] == 4
+    for line in summary["runs"]:
+        results = json.loads((Path(line["run_dir"]) / "results.json").read_text())
+        assert results["status"] == "finished"
+        assert results["hyperparameter_steps_done"] == 20
+        assert 0 < results["final"]["Loss/Test"] < 10
+    # Both repetitions of both algorithms started from the same generated points.
+    configs = {(line["algorithm"], line["repetition"]): (Path(line["run_dir"]) / "config.yaml").read_text()
+               for line in summary["runs"]}
+    for repetition in range(2):
+        random_lr = [l for l in configs[("Random", repetition)].splitlines() if l.strip().startswith("lr:")]
+        ours_lr = [l for l in configs[("Ours_LR", repetition)].splitlines() if l.strip().startswith("lr:")]
+        assert random_lr[0] == ours_lr[0]
+    # SLURM's own accounting saw the array tasks complete.
+    logs = tmp_path / "array" / "slurm_logs"
+    job_ids = sorted(path.name for path in logs.iterdir() if re.fullmatch(r"\d+_\d+", path.name))
+    assert len(job_ids) == 4
+    # (the result file lands a moment before SLURM marks the task completed)
+    wait_for(lambda: set(sacct_states(job_ids).values()) == {"COMPLETED"}, 60,
+             "SLURM accounting to show every array task COMPLETED")
+    # A second invocation finds everything done and submits nothing.
+    assert parallel_exec.main(arguments) == 0
+    summary = json.loads((tmp_path / "array" / "summary.json").read_text())
+    assert summary["launched"] == 0 and summary["skipped"] == 4
+
+
+def wait_for(predicate, seconds, what):
+    deadline = time.time() + seconds
+    while not predicate():
+        if time.time() > deadline:
+            raise AssertionError(f"timed out after {seconds} s waiting for {what}")
+        time.sleep(0.2)
+
+
+def test_preempted_job_requeues_and_resumes_to_the_same_result(slurm_cluster, tmp_path):
+    import train
+
+    stack = [ENERGY, str(REPOSITORY / "configs" / "Ours_LR_Momentum.yaml")]
+    overrides = {"hyperparameter_steps": 800, "checkpoint_every": 50, "seed": 3,
+                 "network_weight.lr": -2.5, "network_weight.momentum": 0.0}
+    job = {"config": stack, "overrides": overrides, "run_dir": str(tmp_path / "interrupted")}
+    executor = executors.make_executor("slurm", tmp_path / "logs", slurm_config=LOCAL_SLURM)
+    [handle] = executor.map(executors.TrainingRun(), [job], label="Ours_LR_Momentum")
+    checkpoint = tmp_path / "interrupted" / "checkpoint.pt"
+    wait_for(checkpoint.exists, 180, "the job's first checkpoint")
+    handle._interrupt()  # preemption: SIGTERM, then USR2 -> checkpoint() -> requeue
+    results = handle.result()
+    # The uninterrupted reference, in this process.
+    reference = train.main(stack, overrides, run_dir=str(tmp_path / "reference"), progress=False)
+    assert results["status"] == "finished"
+    assert results["hyperparameter_steps_done"] == 800
+    for key in ("Loss/Training", "Loss/Validation", "Loss/Test"):
+        assert results["final"][key] == pytest.approx(reference["final"][key], rel=1e-4, abs=1e-7)
+    for key in ("lr", "weight_decay", "momentum"):
+        assert results["hyperparameters"][key] == pytest.approx(reference["hyperparameters"][key], rel=1e-4)
+    # It really was preempted and requeued: submitit caught the signal and
+    # checkpointed, SLURM's accounting holds the first (requeued) start too.
+    logs = "".join(path.read_text() for path in (tmp_path / "logs").rglob("*_log.*"))
+    assert "this job is preempted" in logs and "Calling checkpoint method" in logs
+    output = subprocess.run(["sacct", "-n", "-X", "-D", "-P", "-o", "JobID,State", "-j", handle.job_id],
+                            capture_output=True, text=True, check=True).stdout
+    states = [line.split("|")[1] for line in output.split()]
+    assert states[0] == "REQUEUED" and states[-1] == "COMPLETED", output
