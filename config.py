@@ -72,7 +72,7 @@ SCHEMA = {
     "validation_evaluation": (lambda v: v in ("minibatch", "full", "end"),
                               "one of minibatch, full, end", "minibatch"),
     "evaluation_batch_size": (lambda v: _integer(v) and v >= 1, "an integer >= 1", 4096),
-    "log_interval": (lambda v: _integer(v) and v >= 1, "an integer >= 1", 10),
+    "log_interval": (lambda v: _integer(v) and v >= 1, "an integer >= 1 (weight steps)", 100),
     "checkpoint_every": (lambda v: _integer(v) and v >= 0, "an integer >= 0 (0: never)", 0),
     "divergence_penalty": (lambda v: _number(v), "a finite number", 1.0e10),
     "seed": (lambda v: _integer(v) and v >= 0, "an integer >= 0", 0),

@@ -57,12 +57,15 @@ class Problem:
     def __init__(self, model, loss_function, data):
         self.model, self.loss_function, self.data = model, loss_function, data
         self.names = [name for name, _ in model.named_parameters()]
+        self.parameters = list(model.parameters())
         self.buffers = dict(model.named_buffers())
 
     def initial_weights(self):
         return tuple(p.detach().clone() for p in self.model.parameters())
 
     def predict(self, weights, inputs):
+        if all(w is p for w, p in zip(weights, self.parameters)):
+            return self.model(inputs)
         return functional_call(self.model, (dict(zip(self.names, weights)), self.buffers),
                                (inputs,))
 
@@ -75,6 +78,22 @@ class Problem:
         if indices is None:
             return inputs, targets
         return inputs[indices], targets[indices]
+
+    def install(self, weights):
+        """Make ``weights`` the module's own parameters (sharing storage) and
+        return those parameters: calling the module directly is cheaper than
+        ``functional_call``'s per-call module swapping. Never call while a
+        graph that saved the parameters is still in use."""
+        for parameter, weight in zip(self.parameters, weights):
+            parameter.data = weight
+        return tuple(self.parameters)
+
+    def loss_and_grads(self, weights, batch):
+        """Loss and gradient for an ordinary weight step, with no graph kept."""
+        self.install(weights)
+        inputs, targets = batch
+        loss = self.loss_function(self.model(inputs), targets)
+        return loss.detach(), torch.autograd.grad(loss, self.parameters)
 
     def loss(self, weights, batch):
         inputs, targets = batch
@@ -197,12 +216,11 @@ class Trainer:
 
     def weight_step_(self, natural):
         """One ordinary weight update: no graph is kept."""
-        weights = tuple(w.requires_grad_(True) for w in self.weights)
-        loss = self.problem.loss(weights, self.training_batch())
-        grads = torch.autograd.grad(loss, weights)
+        loss, grads = self.problem.loss_and_grads(self.weights, self.training_batch())
         with torch.no_grad():
-            self.weights, self.state = self.optimiser.update(weights, grads, self.state, natural)
-        self.last_training_loss = loss.detach()
+            self.weights, self.state = self.optimiser.update(self.weights, grads, self.state,
+                                                             natural)
+        self.last_training_loss = loss
         self.weight_step += 1
 
     def step(self):
@@ -221,7 +239,7 @@ class Trainer:
 
     def update_hyperparameters(self, recorded):
         batches = [self.training_batch() for _ in range(recorded)]
-        window = hypergradients.unroll(self.weights, self.state, self.optimiser,
+        window = hypergradients.unroll(self.problem.install(self.weights), self.state, self.optimiser,
                                        self.hyperparameters, self.problem.loss, batches)
         validation_batch = self.validation_batch()
         window.validation_loss = lambda weights: self.problem.loss(weights, validation_batch)

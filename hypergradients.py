@@ -47,14 +47,19 @@ class Window:
     training_losses: list      # detached training loss of each recorded step
 
 
-def unroll(params, state, optimiser, hyperparameters, training_loss, batches):
-    """Run one differentiable weight update per batch, keeping the graph.
+def leaves(weights):
+    """Fresh leaf tensors (sharing storage) to start a recorded window from."""
+    return tuple(w.detach().requires_grad_(True) for w in weights)
 
-    ``training_loss(params, batch)`` is the scalar loss; ``hyperparameters``
+
+def unroll(start, state, optimiser, hyperparameters, training_loss, batches):
+    """Run one differentiable weight update per batch from the leaf tensors
+    ``start``, keeping the graph.
+
+    ``training_loss(weights, batch)`` is the scalar loss; ``hyperparameters``
     is a :class:`hyperparameters.Hyperparameters`. The returned
     :class:`Window`'s ``validation_loss`` is filled in by the caller.
     """
-    start = tuple(p.detach().requires_grad_(True) for p in params)
     state = {key: _detach(value) for key, value in state.items()}
     natural = hyperparameters.natural()
     weights = start

@@ -54,6 +54,9 @@ def sgd():
         return {"momentum_buffer": tuple(torch.zeros_like(p) for p in params)}
 
     def update(params, grads, state, hypers):
+        if not torch.is_grad_enabled() and not any(
+                isinstance(hypers[name], (tuple, list)) for name in ("lr", "weight_decay", "momentum")):
+            return update_without_graph(params, grads, state, hypers)
         new_params, new_buffers = [], []
         for index, (weight, grad, buffer) in enumerate(
                 zip(params, grads, state["momentum_buffer"])):
@@ -62,6 +65,15 @@ def sgd():
             new_params.append(weight - per_weight(hypers["lr"], index) * buffer)
             new_buffers.append(buffer)
         return tuple(new_params), {"momentum_buffer": tuple(new_buffers)}
+
+    def update_without_graph(params, grads, state, hypers):
+        """The same rule in six multi-tensor kernels, for the steps that need no graph."""
+        direction = torch._foreach_mul(params, hypers["weight_decay"])
+        torch._foreach_add_(direction, grads)
+        buffers = torch._foreach_mul(state["momentum_buffer"], hypers["momentum"])
+        torch._foreach_add_(buffers, direction)
+        steps = torch._foreach_mul(buffers, hypers["lr"])
+        return tuple(torch._foreach_sub(params, steps)), {"momentum_buffer": tuple(buffers)}
 
     return WeightOptimiser(init, update, {"lr": 0.01, "weight_decay": 0.0, "momentum": 0.0})
 

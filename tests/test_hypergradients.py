@@ -50,7 +50,7 @@ def hypergradient_of(method, values, optimised, steps, seed=0, momentum_buffer=0
     optimiser = OPTIMISERS.get("SGD")()
     state = {"momentum_buffer": tuple(momentum_buffer * torch.ones_like(w) for w in weights)}
     hypers = make_hyperparameters(values, optimised, **kwargs)
-    window = hypergradients.unroll(weights, state, optimiser, hypers, loss,
+    window = hypergradients.unroll(hypergradients.leaves(weights), state, optimiser, hypers, loss,
                                    [batches[i % len(batches)] for i in range(steps)])
     window.validation_loss = lambda w: loss(w, validation)
     return method.hypergradient(window), window
@@ -156,7 +156,7 @@ def implicit_on_quadratic(terms, solver, lr=0.8):
                                   ["lr", "weight_decay"], transforms={}, shapes=[optimum.shape])
     optimiser = OPTIMISERS.get("SGD")()
     state = optimiser.init((optimum,))
-    window = hypergradients.unroll((optimum,), state, optimiser, hypers, training_loss, [None])
+    window = hypergradients.unroll(hypergradients.leaves((optimum,)), state, optimiser, hypers, training_loss, [None])
     window.validation_loss = validation_loss
     method = hypergradients.Implicit(rollback_distance=terms, solver=solver)
     lr_grad, decay_grad = method.hypergradient(window)
