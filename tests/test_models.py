@@ -124,6 +124,24 @@ def test_lstm_layer_matches_torch_lstm():
     assert torch.allclose(layer(inputs), reference(inputs)[0], atol=1e-12)
 
 
+def test_fused_lstm_option_computes_the_same_model():
+    """``fused: true`` (nn.LSTM, cuDNN on GPUs) is the same function as the default."""
+    data = fake_data((6,), 25, task="language_model")
+    plain = models.build_model({"class": "LSTMLanguageModel", "embedding_size": 8, "hidden_size": 8}, data)
+    fused = models.build_model({"class": "LSTMLanguageModel", "embedding_size": 8, "hidden_size": 8,
+                                "fused": True}, data)
+    with torch.no_grad():
+        fused.embedding.weight.copy_(plain.embedding.weight)
+        fused.decoder.bias.copy_(plain.decoder.bias)
+        for index, layer in enumerate(plain.layers):
+            getattr(fused.lstm, f"weight_ih_l{index}").copy_(layer.input_weights.weight)
+            getattr(fused.lstm, f"bias_ih_l{index}").copy_(layer.input_weights.bias)
+            getattr(fused.lstm, f"weight_hh_l{index}").copy_(layer.hidden_weights.weight)
+            getattr(fused.lstm, f"bias_hh_l{index}").zero_()
+    tokens = torch.randint(0, 25, (3, 6))
+    assert torch.allclose(plain.eval()(tokens), fused.eval()(tokens), atol=1e-5)
+
+
 def test_lstm_dropout_and_untied_options():
     model = models.build_model({"class": "LSTMLanguageModel", "embedding_size": 8, "hidden_size": 10,
                                 "num_layers": 3, "tie_weights": False}, fake_data((4,), 20))
