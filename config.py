@@ -150,12 +150,13 @@ def deep_merge(base, update, origins=None, source=None, prefix=""):
         dotted = f"{prefix}{key}"
         if isinstance(value, dict) and isinstance(merged.get(key), dict):
             merged[key] = deep_merge(merged[key], value, origins, source, f"{dotted}.")
-        else:
-            merged[key] = copy.deepcopy(value)
             if origins is not None:
-                for stale in [k for k in origins if k.startswith(f"{dotted}.")]:
-                    del origins[stale]
+                origins.setdefault(dotted, source)  # the first file that made the section
+            continue
+        merged[key] = copy.deepcopy(value)
         if origins is not None:
+            for stale in [k for k in origins if k.startswith(f"{dotted}.")]:
+                del origins[stale]
             origins[dotted] = source
     return merged
 
@@ -232,12 +233,6 @@ def check(config):
             if key not in config:
                 raise UserError(f"{key}: missing section (give a dataset config such as "
                                 f"configs/digits.yaml before the algorithm config)")
-    hyperparameters = [k for k in config["network_weight"] if k != "class"]
-    for list_key in ("optimised_hyperparameters", "high_dimensional_hyperparameters"):
-        for name in config[list_key]:
-            if name not in hyperparameters and name != "lr":
-                raise UserError(f"{config.where(list_key)}: '{name}' is not a hyperparameter of "
-                                f"network_weight{closest(name, hyperparameters)}")
     for name in config["high_dimensional_hyperparameters"]:
         if name not in config["optimised_hyperparameters"]:
             raise UserError(f"{config.where('high_dimensional_hyperparameters')}: '{name}' must "

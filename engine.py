@@ -20,6 +20,7 @@ import hypergradients
 from errors import UserError
 from hyperparameters import Hyperparameters
 from optimisers import HYPERPARAMETER_OPTIMISERS, OPTIMISERS
+from registry import closest
 
 
 class Sampler:
@@ -168,6 +169,15 @@ class Trainer:
         self.network_weight_steps = config["network_weight_steps"]
         self.optimiser, configured, self.lr_multiplier = build_weight_optimiser(
             config["network_weight"], config.where("network_weight"))
+        for list_key in ("optimised_hyperparameters", "high_dimensional_hyperparameters",
+                         "transformed_hyperparameters", "hyperparameter_clipping"):
+            for name in config[list_key]:
+                if name not in self.optimiser.hyperparameters:
+                    raise UserError(
+                        f"{config.where(list_key)}: '{name}' is not a hyperparameter of "
+                        f"{config['network_weight']['class']}"
+                        f"{closest(name, self.optimiser.hyperparameters)}; valid: "
+                        f"{', '.join(self.optimiser.hyperparameters)}")
         initial = default_raw(self.optimiser, config["transformed_hyperparameters"])
         initial.update(configured)
         self.weights = problem.initial_weights()

@@ -29,8 +29,9 @@ def digits_trainer():
         cfg = train.prepare(config.load(
             [ROOT / "configs" / "digits.yaml", ROOT / "configs" / f"{algorithm}.yaml"],
             {"batch_size": 32, "device": "cpu", **overrides}))
-        problem = train.load_problem(cfg, torch.device("cpu"), torch.float32)
-        return Trainer(cfg, problem, torch.device("cpu"), torch.float32)
+        dtype = getattr(torch, cfg["dtype"])
+        problem = train.load_problem(cfg, torch.device("cpu"), dtype)
+        return Trainer(cfg, problem, torch.device("cpu"), dtype)
 
     return make
 

@@ -1,0 +1,240 @@
+"""train.py end to end: every algorithm file on digits, diabetes and UCI energy,
+TensorBoard output read back with TensorBoard's own reader, divergence,
+checkpoint/resume, configuration stacking."""
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+import config
+import hypergradients
+import train
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIGS = ROOT / "configs"
+ALGORITHMS = ["Random", "Random_SteppedLR", "Random_Validation", "Random_Validation_BayesOpt",
+              "Random_TrainingSetOnly", "Baydin", "Lorraine", "Ours_LR", "Ours_LR_Momentum",
+              "Ours_HDLR_Momentum", "DiffThroughOpt",
+              "LongDiffThroughOpt_UCI_Medium", "LongDiffThroughOpt_UCI_Standalone",
+              "LongDiffThroughOpt_UCI_Full", "LongDiffThroughOpt_Fashion-MNIST_Medium",
+              "LongDiffThroughOpt_Fashion-MNIST_Standalone",
+              "LongDiffThroughOpt_Fashion-MNIST_Full"]
+SHORT = {"hyperparameter_steps": 3, "network_weight_steps": 4, "log_interval": 4,
+         "device": "cpu"}
+
+
+def test_every_algorithm_file_is_tested():
+    on_disk = {p.stem for p in CONFIGS.glob("*.yaml")
+               if p.stem.startswith(("Random", "Baydin", "Lorraine", "Ours", "DiffThrough",
+                                     "LongDiffThrough"))}
+    assert on_disk == set(ALGORITHMS)
+
+
+def scalars(run_dir):
+    accumulator = EventAccumulator(str(run_dir), size_guidance={"scalars": 0, "histograms": 0})
+    accumulator.Reload()
+    return accumulator
+
+
+@pytest.mark.parametrize("dataset", ["digits", "diabetes", "uci_energy"])
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_algorithm_runs_and_logs(algorithm, dataset, tmp_path, request):
+    if dataset == "uci_energy":
+        request.getfixturevalue("uci_available")
+    results = train.main([CONFIGS / f"{dataset}.yaml", CONFIGS / f"{algorithm}.yaml"], SHORT,
+                         log_root=tmp_path, progress=False)
+    assert results["status"] == "finished"
+    assert all(math.isfinite(v) for v in results["final"].values())
+    steps = 12 if algorithm != "Baydin" else 12  # Baydin: 12 single-step updates
+    assert results["network_weight_steps_done"] == steps
+    assert json.loads((Path(results["run_dir"]) / "results.json").read_text()) == results
+    tags = set(scalars(results["run_dir"]).Tags()["scalars"])
+    expected = {"Loss/Training", "Loss/Test", "Hyperparameter/Lr",
+                "Hyperparameter/Weight_Decay", "Hyperparameter/Momentum"}
+    if algorithm != "Random_Validation_BayesOpt":
+        expected.add("Loss/Validation")
+    expected |= {"Unnormalised_Loss/Test"} if dataset != "digits" else {"Accuracy/Test"}
+    optimised = config.load([CONFIGS / f"{algorithm}.yaml"], {"model": {}, "loss": {},
+                                                               "dataset": {}})
+    expected |= {f"Hypergradient/{name.title()}"
+                 for name in optimised["optimised_hyperparameters"]}
+    if algorithm == "Ours_HDLR_Momentum":
+        expected = (expected - {"Hyperparameter/Lr"}) | {"Hyperparameter/Lr_Mean"}
+    assert expected <= tags, expected - tags
+
+
+def test_per_weight_learning_rates_are_logged_as_a_histogram(tmp_path):
+    results = train.main([CONFIGS / "digits.yaml", CONFIGS / "Ours_HDLR_Momentum.yaml"], SHORT,
+                         log_root=tmp_path, progress=False)
+    accumulator = scalars(results["run_dir"])
+    assert "Hyperparameter/Lr" in accumulator.Tags()["histograms"]
+    histogram = accumulator.Histograms("Hyperparameter/Lr")[-1].histogram_value
+    assert histogram.num == 64 * 50 + 50 + 50 * 10 + 10
+    assert histogram.min < histogram.max  # the learning rates have moved apart
+
+
+def test_hparams_summary_is_written(tmp_path):
+    results = train.main([CONFIGS / "digits.yaml", CONFIGS / "Ours_LR.yaml"], SHORT,
+                         log_root=tmp_path, progress=False)
+    accumulator = scalars(results["run_dir"])
+    plugins = accumulator.PluginTagToContent("hparams")
+    assert "_hparams_/experiment" in plugins and "_hparams_/session_start_info" in plugins
+
+
+def test_hyperparameter_optimisation_moves_hyperparameters_and_lowers_validation(tmp_path):
+    common = {"hyperparameter_steps": 40, "device": "cpu", "network_weight.lr": -2.5}
+    fixed = train.main([CONFIGS / "digits.yaml", CONFIGS / "Random.yaml"], common,
+                       log_root=tmp_path, progress=False)
+    tuned = train.main([CONFIGS / "digits.yaml", CONFIGS / "Ours_LR_Momentum.yaml"], common,
+                       log_root=tmp_path, progress=False)
+    assert tuned["hyperparameters"]["lr"] > 10 ** -2.5 * 1.5
+    assert tuned["final"]["Loss/Validation"] < 0.8 * fixed["final"]["Loss/Validation"]
+
+
+def test_stepped_lr_multiplies_the_learning_rate(tmp_path):
+    results = train.main([CONFIGS / "digits.yaml", CONFIGS / "Random_SteppedLR.yaml"],
+                         {**SHORT, "network_weight.lr_multiplier": 0.5}, log_root=tmp_path,
+                         progress=False)
+    assert results["hyperparameters"]["lr"] == pytest.approx(10 ** -1.5 * 0.5 ** 3, rel=1e-5)
+
+
+def test_trainer_hypergradient_equals_the_pure_reference(digits_trainer):
+    """The engine's fast paths (module parameters, multi-tensor SGD) give the
+    same hypergradient as the plain functional computation."""
+    trainer = digits_trainer("Ours_LR_Momentum", dtype="float64")
+    for _ in range(2):
+        trainer.step()
+    snapshot = trainer.state_dict()
+    batches = [trainer.training_batch()]
+    validation = trainer.validation_batch()
+    trainer.load_state_dict(snapshot)
+    window = hypergradients.unroll(hypergradients.leaves(trainer.weights), trainer.state,
+                                   trainer.optimiser, trainer.hyperparameters,
+                                   trainer.problem.loss, batches)
+    window.validation_loss = lambda w: trainer.problem.loss(w, validation)
+    reference = trainer.method.hypergradient(window)
+    trainer.load_state_dict(snapshot)
+    trainer.outer.step = lambda: None  # keep the gradients for inspection
+    trainer.update_hyperparameters(1)
+    for leaf, expected in zip(trainer.hyperparameters.leaves(), reference):
+        torch.testing.assert_close(leaf.grad, expected, rtol=1e-10, atol=1e-14)
+        assert expected.abs() > 0
+
+
+def test_divergence_stops_cleanly_with_a_finite_penalty(tmp_path):
+    results = train.main([CONFIGS / "diabetes.yaml", CONFIGS / "Random.yaml"],
+                         {"network_weight.lr": 1.5, "hyperparameter_steps": 50,
+                          "log_interval": 10, "device": "cpu"},
+                         log_root=tmp_path, progress=False)
+    assert results["status"] == "diverged"
+    assert results["objective"] == 1e10
+    assert results["network_weight_steps_done"] < 500
+
+
+def final_state(results):
+    return (results["final"], results["hyperparameters"], results["network_weight_steps_done"])
+
+
+def test_killed_run_resumes_from_its_checkpoint_to_the_same_result(tmp_path, monkeypatch):
+    sources = [CONFIGS / "digits.yaml", CONFIGS / "Ours_LR_Momentum.yaml"]
+    settings = {"hyperparameter_steps": 10, "checkpoint_every": 3, "device": "cpu",
+                "log_interval": 10}
+    uninterrupted = train.main(sources, settings, run_dir=tmp_path / "whole", progress=False)
+
+    from engine import Trainer
+    original_step = Trainer.step
+
+    def step_then_die(self):
+        if self.hyperparameter_step == 7:
+            raise KeyboardInterrupt("killed")
+        original_step(self)
+
+    monkeypatch.setattr(Trainer, "step", step_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(sources, settings, run_dir=tmp_path / "killed", progress=False)
+    assert (tmp_path / "killed" / "checkpoint.pt").is_file()
+    assert not (tmp_path / "killed" / "results.json").exists()
+    monkeypatch.setattr(Trainer, "step", original_step)
+    resumed = train.main(sources, settings, run_dir=tmp_path / "killed", progress=False)
+    assert final_state(resumed) == final_state(uninterrupted)  # bitwise on CPU
+
+
+def test_sigkilled_process_resumes_to_the_same_result(tmp_path):
+    """A real kill -9 in the middle of training, then the same command again."""
+    command = [sys.executable, str(ROOT / "train.py"), "-c", str(CONFIGS / "digits.yaml"),
+               str(CONFIGS / "Ours_LR_Momentum.yaml"), "-q", "--set", "hyperparameter_steps=300",
+               "checkpoint_every=5", "device=cpu"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    subprocess.run(command + ["--run-dir", str(tmp_path / "whole")], check=True, env=env,
+                   capture_output=True)
+    victim = subprocess.Popen(command + ["--run-dir", str(tmp_path / "killed")], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    checkpoint = tmp_path / "killed" / "checkpoint.pt"
+    deadline = time.time() + 120
+    while not checkpoint.exists() and time.time() < deadline and victim.poll() is None:
+        time.sleep(0.05)
+    time.sleep(0.3)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    assert not (tmp_path / "killed" / "results.json").exists(), "killed too late to test resume"
+    subprocess.run(command + ["--run-dir", str(tmp_path / "killed")], check=True, env=env,
+                   capture_output=True)
+    whole = json.loads((tmp_path / "whole" / "results.json").read_text())
+    resumed = json.loads((tmp_path / "killed" / "results.json").read_text())
+    assert final_state(resumed) == final_state(whole)
+
+
+def test_save_then_load_continues_the_same_run(tmp_path):
+    sources = [CONFIGS / "digits.yaml", CONFIGS / "DiffThroughOpt.yaml"]
+    whole = train.main(sources, {"hyperparameter_steps": 8, "device": "cpu"},
+                       log_root=tmp_path, progress=False)
+    saved = tmp_path / "half.pt"
+    train.main(sources, {"hyperparameter_steps": 4, "device": "cpu"}, log_root=tmp_path,
+               save=saved, progress=False)
+    state = torch.load(saved, weights_only=False)
+    assert state["config"]["algorithm"] == "DiffThroughOpt"  # the config travels with it
+    continued = train.main(sources, {"hyperparameter_steps": 8, "device": "cpu"},
+                           log_root=tmp_path, load=saved, progress=False)
+    assert final_state(continued) == final_state(whole)
+
+
+def test_run_directories_are_unique_and_hold_the_resolved_config(tmp_path):
+    first = train.make_run_dir(tmp_path, "group", "name")
+    second = train.make_run_dir(tmp_path, "group", "name")
+    assert first != second and first.parent == second.parent == tmp_path / "group"
+    results = train.main([CONFIGS / "digits.yaml", CONFIGS / "Random.yaml"],
+                         ["hyperparameter_steps=2", "network_weight.momentum=1.5"],
+                         log_root=tmp_path, group="g", name="n", progress=False)
+    saved = config.read_yaml(Path(results["run_dir"]) / "config.yaml")
+    assert saved["network_weight"] == {"class": "SGD", "lr": -1.5, "weight_decay": -5.0,
+                                       "momentum": 1.5}
+    assert Path(results["run_dir"]).name.endswith("-n")
+
+
+def test_later_files_and_overrides_win_and_mappings_merge(tmp_path):
+    extra = tmp_path / "extra.yaml"
+    extra.write_text("network_weight: {lr: -2.0}\nbatch_size: 7\n")
+    cfg = config.load([CONFIGS / "uci_energy.yaml", CONFIGS / "Ours_LR.yaml", extra],
+                      ["batch_size=9", "network_weight.momentum=0.25"])
+    assert cfg["network_weight"] == {"class": "SGD", "lr": -2.0, "weight_decay": -16.0,
+                                     "momentum": 0.25}
+    assert cfg["batch_size"] == 9
+    assert cfg["optimised_hyperparameters"] == ["lr", "weight_decay"]
+    assert cfg.origin("network_weight.lr") == str(extra)
+    assert cfg.origin("network_weight.weight_decay") == str(CONFIGS / "uci_energy.yaml")
+
+
+def test_the_papers_config_dicts_layout_is_accepted(tmp_path):
+    paper_init = tmp_path / "iteration_10.yaml"
+    paper_init.write_text("config_dicts:\n  network_weight:\n    lr: -2.75\n"
+                          "    momentum: 0.9\n    weight_decay: -5.85\n")
+    cfg = config.load([CONFIGS / "digits.yaml", CONFIGS / "Random.yaml", paper_init])
+    assert cfg["network_weight"]["lr"] == -2.75 and cfg["network_weight"]["class"] == "SGD"
