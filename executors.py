@@ -21,6 +21,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import time
 import traceback
 from pathlib import Path
 
@@ -97,6 +98,13 @@ class TrainingRun(submitit.helpers.Checkpointable):
 
     def __call__(self, job):
         return run_training(job)
+
+
+def finished(result):
+    """A handle that is already done, for a run whose results were found on disk."""
+    future = concurrent.futures.Future()
+    future.set_result(result)
+    return future
 
 
 def write_atomically(path, text):
@@ -183,6 +191,11 @@ class LocalExecutor:
         index_of = {handle: index for index, handle in enumerate(handles)}
         for handle in concurrent.futures.as_completed(handles):
             yield index_of[handle], handle.result()
+
+    def wait_any(self, handles):
+        """Block until at least one handle is done; its ``(handle, result)`` pairs."""
+        done, _ = concurrent.futures.wait(handles, return_when=concurrent.futures.FIRST_COMPLETED)
+        return [(handle, handle.result()) for handle in handles if handle in done]
 
     def shutdown(self):
         """Cancel queued runs, close the pipes (idle workers exit), stop busy ones."""
@@ -328,17 +341,29 @@ class SlurmExecutor:
             output = error.output.decode() if isinstance(error.output, bytes) else error.output
             raise UserError(f"sbatch refused the job array: {' '.join(str(output).split())[:300]}") from None
 
+    @staticmethod
+    def result(handle):
+        """A finished job's result; a job that died becomes a ``failed`` result."""
+        try:
+            return handle.result()
+        except Exception as error:  # noqa: BLE001 -- one dead job never stops the rest
+            return {"status": FAILED, "error": f"SLURM job {handle.job_id}: {one_line(error)}",
+                    "run_dir": None}
+
     def as_completed(self, handles):
-        """``(index, result)`` pairs as jobs finish; a job that died becomes ``failed``."""
+        """``(index, result)`` pairs as jobs finish."""
         index_of = {handle.job_id: index for index, handle in enumerate(handles)}
         for handle in submitit.helpers.as_completed(
                 handles, poll_frequency=float(self.settings["poll_interval_s"])):
-            index = index_of[handle.job_id]
-            try:
-                yield index, handle.result()
-            except Exception as error:  # noqa: BLE001 -- one dead job never stops the rest
-                yield index, {"status": FAILED, "error": f"SLURM job {handle.job_id}: {one_line(error)}",
-                              "run_dir": None}
+            yield index_of[handle.job_id], self.result(handle)
+
+    def wait_any(self, handles):
+        """Block until at least one job is done; its ``(handle, result)`` pairs."""
+        while True:
+            done = [handle for handle in handles if handle.done()]
+            if done:
+                return [(handle, self.result(handle)) for handle in done]
+            time.sleep(float(self.settings["poll_interval_s"]))
 
     def shutdown(self):
         """Nothing to stop locally: SLURM jobs keep running and a re-run picks them up."""
