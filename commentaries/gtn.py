@@ -357,7 +357,7 @@ def plot_curriculum(curves, path, writer, step):
 @TEACHERS.register("GTN", aliases=["GenerativeTeachingNetwork"])
 def generative_teaching_network(*, context, data=None, input="learned", outer_steps=300,
                                 inner_steps=8, batch_size=50, real_batch_size=256, noise_size=16,
-                                generator_hidden=128, learner_hidden=64, inner_lr=0.1,
+                                generator_hidden=128, learner_hidden=64, inner_lr=0.2,
                                 learn_inner_lr=True, inner_momentum=0.5, outer_lr=0.01,
                                 max_grad_norm=10.0, truncation=None, eval_learners=4,
                                 shuffles=4, log_interval=50):

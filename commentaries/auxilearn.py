@@ -1,0 +1,376 @@
+"""AuxiLearn (Navon et al., ICLR 2021): learning to combine auxiliary losses.
+
+A multi-task network (shared trunk, one head per task) is trained on the main
+task plus auxiliary tasks. An *auxiliary network* maps each example's vector of
+auxiliary losses to one non-negative loss that is added to the main loss:
+
+* ``linear``: ``Σ_k a_k ℓ_k`` with ``a_k = softplus(θ_k) ≥ 0``;
+* ``nonlinear``: a monotone MLP (non-negative weights, softplus activations),
+  AuxiLearn's nonlinear combiner.
+
+Every ``update_every`` weight steps the auxiliary network is updated by the
+implicit function theorem: at (approximately) optimal weights ``w*`` of the
+training loss ``L_T(w, θ)``, the main-task loss ``L_A`` on a held-out
+*auxiliary set* has
+
+    dL_A/dθ = -∂L_A/∂w · H⁻¹ · ∂²L_T/∂w∂θ,
+
+with the inverse-Hessian product approximated by a truncated Neumann series
+(``linear_solvers.neumann`` on the SGD map ``u(w) = w - α ∇L_T``). This goes
+through :class:`MetaOptimizer`, whose ``step(val_loss=..., train_loss=...,
+aux_params=..., parameters=...)`` follows AuxiLearn's wrapper of the same name.
+
+Auxiliary tasks on the embedded digits: ``parity`` (even/odd, helpful),
+``rotation`` (which of 0/90/180/270° the input was rotated by,
+self-supervised) and ``noisy_labels`` (the main head trained on fixed random
+labels: label noise, harmful): a learned weighting should turn it down. Baselines: ``learn_weighting:
+false`` (equal weighting, the auxiliary network frozen at its all-ones
+initialisation) and ``auxiliary_tasks: []`` (main task only).
+"""
+import math
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch import nn  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+import linear_solvers  # noqa: E402
+from commentaries import TEACHERS  # noqa: E402
+from commentaries.gtn import atomic_savefig, check_choice, check_float, check_int, digit_splits  # noqa: E402
+from errors import UserError  # noqa: E402
+
+# name -> classes of its own head; noisy_labels reuses the main head (random labels)
+AUXILIARY_TASKS = {"parity": 2, "rotation": 4, "noisy_labels": None}
+COMBINERS = ("linear", "nonlinear")
+NUM_CLASSES = 10
+DIVERGED_OBJECTIVE = 1e10
+
+
+# ----------------------------------------------------------------------------- networks
+
+class MultiTaskNet(nn.Module):
+    """Shared MLP trunk with a linear head for the main task and each auxiliary task."""
+
+    def __init__(self, input_size, hidden_size, tasks):
+        super().__init__()
+        self.trunk = nn.Sequential(nn.Flatten(), nn.Linear(input_size, hidden_size), nn.ReLU(),
+                                   nn.Linear(hidden_size, hidden_size), nn.ReLU())
+        sizes = {"main": NUM_CLASSES, **{task: AUXILIARY_TASKS[task] for task in tasks
+                                         if AUXILIARY_TASKS[task] is not None}}
+        self.heads = nn.ModuleDict({task: nn.Linear(hidden_size, size) for task, size in sizes.items()})
+
+    def forward(self, images, task="main"):
+        return self.heads[task](self.trunk(images))
+
+
+def inverse_softplus(value):
+    return math.log(math.expm1(value))
+
+
+class LinearCombiner(nn.Module):
+    """``main + Σ_k softplus(θ_k) ℓ_k``, averaged over the batch; starts at equal weights."""
+
+    def __init__(self, num_tasks, initial_weight=1.0):
+        super().__init__()
+        self.raw = nn.Parameter(torch.full((num_tasks,), inverse_softplus(initial_weight)))
+
+    def weights(self):
+        return F.softplus(self.raw)
+
+    def forward(self, main_losses, auxiliary_losses):
+        return (main_losses + auxiliary_losses @ self.weights()).mean()
+
+
+class NonlinearCombiner(nn.Module):
+    """``main + g(ℓ)`` with ``g`` a monotone MLP: non-negative weights (softplus of
+    free parameters) and softplus activations, so ``g ≥ 0`` and it never
+    rewards a larger auxiliary loss. AuxiLearn's nonlinear auxiliary network."""
+
+    def __init__(self, num_tasks, hidden_size=8):
+        super().__init__()
+        self.raw_hidden = nn.Parameter(torch.randn(hidden_size, num_tasks) * 0.1
+                                       + inverse_softplus(1.0 / hidden_size))
+        self.bias = nn.Parameter(torch.zeros(hidden_size))
+        self.raw_output = nn.Parameter(torch.full((hidden_size,), inverse_softplus(1.0)))
+
+    def forward(self, main_losses, auxiliary_losses):
+        hidden = F.softplus(auxiliary_losses @ F.softplus(self.raw_hidden).T + self.bias)
+        return (main_losses + hidden @ F.softplus(self.raw_output)).mean()
+
+
+def effective_weights(combiner, main_losses, auxiliary_losses):
+    """d(combined loss)/d(auxiliary loss k), summed over the batch: the weight each
+    auxiliary task effectively gets (exactly ``a_k`` for the linear combiner)."""
+    auxiliary_losses = auxiliary_losses.detach().requires_grad_()
+    with torch.enable_grad():
+        combined = combiner(main_losses.detach(), auxiliary_losses)
+        (grad,) = torch.autograd.grad(combined, auxiliary_losses)
+    return grad.sum(0)
+
+
+# ----------------------------------------------------------------------------- hypergradient
+
+def _or_zeros(grads, tensors):
+    return tuple(torch.zeros_like(t) if g is None else g for g, t in zip(grads, tensors))
+
+
+def implicit_hypergradient(val_loss, train_loss, aux_params, parameters, lr, steps, solver="neumann"):
+    """``-∂L_V/∂w · H⁻¹ · ∂²L_T/∂w∂θ`` for the auxiliary parameters θ.
+
+    Solves ``x (I - J) = ∂L_V/∂w`` with ``J = I - α H`` (the Jacobian of one SGD
+    step ``u(w) = w - α ∇L_T``) by ``steps`` Neumann terms (or CG), then
+    ``x · ∂u/∂θ = -α x · ∂²L_T/∂w∂θ``. As ``steps`` grows this tends to the
+    exact implicit hypergradient when ``α < 2/λ_max(H)``. The direct term
+    ``∂L_V/∂θ`` is zero: the validation loss is the main task's alone.
+    """
+    parameters, aux_params = list(parameters), list(aux_params)
+    val_grads = _or_zeros(torch.autograd.grad(val_loss, parameters, retain_graph=True,
+                                              allow_unused=True), parameters)
+    train_grads = torch.autograd.grad(train_loss, parameters, create_graph=True)
+
+    def vjp(vector):
+        hessian_product = _or_zeros(torch.autograd.grad(train_grads, parameters, grad_outputs=vector,
+                                                        retain_graph=True, allow_unused=True),
+                                    parameters)
+        return tuple(v - lr * hv for v, hv in zip(vector, hessian_product))
+
+    solution, _ = linear_solvers.get_solver(solver)(vjp, val_grads, steps)
+    mixed = _or_zeros(torch.autograd.grad(train_grads, aux_params, grad_outputs=solution,
+                                          allow_unused=True), aux_params)
+    return tuple(-lr * g for g in mixed)
+
+
+class MetaOptimizer:
+    """Wraps the optimiser of the auxiliary parameters, in the spirit of AuxiLearn's
+    ``auxilearn.optim.MetaOptimizer``: ``step`` computes the implicit hypergradient,
+    clips its norm and takes one step of the wrapped optimiser."""
+
+    def __init__(self, meta_optimizer, hypergradient_lr, neumann_steps=4, max_grad_norm=10.0,
+                 solver="neumann"):
+        self.meta_optimizer = meta_optimizer
+        self.hypergradient_lr = hypergradient_lr
+        self.neumann_steps = neumann_steps
+        self.max_grad_norm = max_grad_norm
+        self.solver = solver
+
+    def step(self, *, val_loss, train_loss, aux_params, parameters):
+        """One update of ``aux_params``; returns the (unclipped) hypergradients."""
+        aux_params = list(aux_params)
+        grads = implicit_hypergradient(val_loss, train_loss, aux_params, parameters,
+                                       self.hypergradient_lr, self.neumann_steps, self.solver)
+        self.meta_optimizer.zero_grad()
+        for parameter, grad in zip(aux_params, grads):
+            parameter.grad = grad.detach().clone()
+        if self.max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(aux_params, self.max_grad_norm)
+        self.meta_optimizer.step()
+        return grads
+
+
+# ----------------------------------------------------------------------------- data and losses
+
+def rotate(images, quarter_turns):
+    """Each image rotated by its own multiple of 90° (``quarter_turns`` in 0..3)."""
+    rotations = torch.stack([torch.rot90(images, k, dims=(-2, -1)) for k in range(4)])
+    return rotations[quarter_turns, torch.arange(len(images), device=images.device)]
+
+
+def task_losses(model, tasks, images, labels, noise_labels, rng):
+    """Per-example main losses [B] and auxiliary losses [B, K] (``None`` if K = 0)."""
+    features = model.trunk(images)
+    main = F.cross_entropy(model.heads["main"](features), labels, reduction="none")
+    auxiliary = []
+    for task in tasks:
+        if task == "parity":
+            target, logits = labels % 2, model.heads[task](features)
+        elif task == "noisy_labels":
+            target, logits = noise_labels, model.heads["main"](features)
+        else:  # rotation
+            target = torch.randint(4, (len(labels),), generator=rng).to(labels.device)
+            logits = model(rotate(images, target), task)
+        auxiliary.append(F.cross_entropy(logits, target, reduction="none"))
+    return main, (torch.stack(auxiliary, dim=1) if auxiliary else None)
+
+
+def training_loss(model, combiner, tasks, batch, rng, weight_decay):
+    """The combined training loss L_T(w, θ) on one batch (with L2 so its Hessian is too)."""
+    main, auxiliary = task_losses(model, tasks, *batch, rng)
+    loss = main.mean() if auxiliary is None else combiner(main, auxiliary)
+    if weight_decay:
+        loss = loss + 0.5 * weight_decay * sum((p * p).sum() for p in model.parameters())
+    return loss, main, auxiliary
+
+
+def main_task_metrics(model, images, labels):
+    """(loss, accuracy) of the main task on a whole split, as tensors (no host sync)."""
+    with torch.no_grad():
+        logits = model(images)
+        return F.cross_entropy(logits, labels), (logits.argmax(-1) == labels).float().mean()
+
+
+def auxilearn_splits(data, train_size, auxiliary_size, seed, device):
+    """Labelled training set, held-out auxiliary set (for hypergradients), validation,
+    test; plus the noise task's fixed random labels for the training set."""
+    splits = digit_splits(data)
+    images, labels = splits["train"]
+    if train_size + auxiliary_size > len(labels):
+        raise UserError(f"teaching.train_size + teaching.auxiliary_size must be at most "
+                        f"{len(labels)} (the digits left after validation and test)")
+    splits["auxiliary"] = (images[train_size:train_size + auxiliary_size],
+                           labels[train_size:train_size + auxiliary_size])
+    splits["train"] = (images[:train_size], labels[:train_size])
+    noise = torch.randint(NUM_CLASSES, (train_size,), generator=torch.Generator().manual_seed(seed))
+    splits = {name: (x.to(device), y.to(device)) for name, (x, y) in splits.items()}
+    return splits, noise.to(device)
+
+
+# ----------------------------------------------------------------------------- plot
+
+def plot_weights(history, tasks, path, writer, step):
+    """Effective auxiliary-task weights over training."""
+    figure, axis = plt.subplots(figsize=(5.5, 3.5))
+    steps = [entry[0] for entry in history]
+    for index, task in enumerate(tasks):
+        axis.plot(steps, [entry[1][index] for entry in history], label=task)
+    axis.axhline(1.0, color="grey", linestyle=":", linewidth=1, label="equal weighting")
+    axis.set_xlabel("weight step")
+    axis.set_ylabel("effective weight of auxiliary loss")
+    axis.set_ylim(bottom=0)
+    axis.grid(alpha=0.3)
+    axis.legend()
+    axis.set_title("AuxiLearn: learned auxiliary-loss weights")
+    figure.tight_layout()
+    atomic_savefig(figure, path)
+    writer.add_figure("AuxiLearn/Weights", figure, step)
+
+
+# ----------------------------------------------------------------------------- entry point
+
+def check_options(tasks, combiner, learn_weighting, solver, **numbers):
+    if not isinstance(tasks, (list, tuple)) or any(task not in AUXILIARY_TASKS for task in tasks) \
+            or len(set(tasks)) != len(tasks):
+        raise UserError(f"teaching.auxiliary_tasks: must be a list of distinct names from "
+                        f"{', '.join(AUXILIARY_TASKS)}, got {tasks!r}")
+    check_choice("combiner", combiner, COMBINERS)
+    check_choice("solver", solver, tuple(sorted(linear_solvers.SOLVERS)))
+    if not isinstance(learn_weighting, bool):
+        raise UserError(f"teaching.learn_weighting: must be true or false, got {learn_weighting!r}")
+    for key in ("steps", "train_size", "auxiliary_size", "batch_size", "hidden_size",
+                "update_every", "neumann_steps", "log_interval", "combiner_hidden"):
+        check_int(key, numbers[key], 1)
+    check_int("warmup_steps", numbers["warmup_steps"], 0)
+    for key in ("lr", "hypergradient_lr", "outer_lr", "max_grad_norm"):
+        check_float(key, numbers[key], 0.0, strict=True)
+    check_float("momentum", numbers["momentum"], 0.0, 1.0)
+    check_float("weight_decay", numbers["weight_decay"], 0.0)
+
+
+@TEACHERS.register("AuxiLearn")
+def auxilearn(*, context, data=None, auxiliary_tasks=("parity", "rotation", "noisy_labels"),
+              combiner="linear", learn_weighting=True, steps=1000, train_size=300,
+              auxiliary_size=200, batch_size=64, hidden_size=64, lr=0.05, momentum=0.9,
+              weight_decay=1e-4, update_every=10, warmup_steps=100, neumann_steps=4,
+              hypergradient_lr=0.1, solver="neumann", outer_lr=0.1, max_grad_norm=10.0,
+              combiner_hidden=8, log_interval=100):
+    """Train the multi-task network with a (learned or frozen) auxiliary weighting."""
+    check_options(auxiliary_tasks, combiner, learn_weighting, solver, steps=steps, train_size=train_size,
+                  auxiliary_size=auxiliary_size, batch_size=batch_size, hidden_size=hidden_size,
+                  update_every=update_every, neumann_steps=neumann_steps, log_interval=log_interval,
+                  combiner_hidden=combiner_hidden, warmup_steps=warmup_steps, lr=lr,
+                  hypergradient_lr=hypergradient_lr, outer_lr=outer_lr, max_grad_norm=max_grad_norm,
+                  momentum=momentum, weight_decay=weight_decay)
+    tasks = list(auxiliary_tasks)
+    device, writer = context.device, context.writer
+    splits, noise_labels = auxilearn_splits(data, train_size, auxiliary_size, context.seed, device)
+    train_images, train_labels = splits["train"]
+    rng = torch.Generator().manual_seed(context.seed)
+    meta_rng = torch.Generator().manual_seed(context.seed + 1)  # meta batches don't shift the training order
+    model = MultiTaskNet(train_images[0].numel(), hidden_size, tasks).to(device)
+    weighting = None
+    if tasks:
+        weighting = (LinearCombiner(len(tasks)) if combiner == "linear"
+                     else NonlinearCombiner(len(tasks), combiner_hidden)).to(device)
+    optimiser = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
+    meta = None
+    if weighting is not None and learn_weighting:
+        meta = MetaOptimizer(torch.optim.Adam(weighting.parameters(), lr=outer_lr), hypergradient_lr,
+                             neumann_steps, max_grad_norm, solver)
+
+    def batch(generator, size=batch_size):
+        index = torch.randint(train_size, (size,), generator=generator).to(device)
+        return train_images[index], train_labels[index], noise_labels[index]
+
+    history, status, step = [], "finished", 0
+    interval_loss, interval_steps = torch.zeros((), device=device), 0
+    for step in tqdm(range(1, steps + 1), desc="AuxiLearn", disable=not context.progress):
+        loss, main, auxiliary = training_loss(model, weighting, tasks, batch(rng), rng, weight_decay)
+        optimiser.zero_grad()
+        loss.backward(inputs=list(model.parameters()))
+        optimiser.step()
+        interval_loss += loss.detach()
+        interval_steps += 1
+        if meta is not None and step > warmup_steps and step % update_every == 0:
+            meta_step(model, weighting, tasks, meta, batch(meta_rng), splits["auxiliary"],
+                      meta_rng, weight_decay, batch_size)
+        if step % log_interval == 0 or step == steps:
+            mean_loss = float(interval_loss) / interval_steps
+            interval_loss.zero_()
+            interval_steps = 0
+            if not math.isfinite(mean_loss):
+                status = "diverged"
+                break
+            log_progress(writer, model, weighting, tasks, splits, main, auxiliary, mean_loss,
+                         step, history)
+
+    if status == "diverged":
+        return {"status": "diverged", "final": {}, "objective": DIVERGED_OBJECTIVE,
+                "network_weight_steps_done": step}
+    return finish(model, weighting, tasks, splits, history, context, step, lr, momentum,
+                  weight_decay)
+
+
+def meta_step(model, weighting, tasks, meta, train_batch, auxiliary_split, rng, weight_decay,
+              batch_size):
+    """One implicit update of the auxiliary network on a training batch and a batch of
+    the held-out auxiliary set (its main-task loss is the outer objective)."""
+    images, labels = auxiliary_split
+    index = torch.randint(len(labels), (batch_size,), generator=rng).to(labels.device)
+    train_loss, _, _ = training_loss(model, weighting, tasks, train_batch, rng, weight_decay)
+    val_loss = F.cross_entropy(model(images[index]), labels[index])
+    meta.step(val_loss=val_loss, train_loss=train_loss, aux_params=list(weighting.parameters()),
+              parameters=list(model.parameters()))
+
+
+def log_progress(writer, model, weighting, tasks, splits, main, auxiliary, mean_loss, step, history):
+    writer.add_scalar("Loss/Training", mean_loss, step)
+    for name, tag in (("auxiliary", "Auxiliary_Set"), ("validation", "Validation")):
+        loss, accuracy = main_task_metrics(model, *splits[name])
+        writer.add_scalar(f"Loss/{tag}", float(loss), step)
+        writer.add_scalar(f"Accuracy/{tag}", float(accuracy), step)
+    if weighting is not None:
+        weights = effective_weights(weighting, main, auxiliary).tolist()
+        history.append((step, weights))
+        for task, weight in zip(tasks, weights):
+            writer.add_scalar(f"Auxiliary/Weight_{task.title()}", weight, step)
+
+
+def finish(model, weighting, tasks, splits, history, context, step, lr, momentum, weight_decay):
+    final = {}
+    for name, tag in (("train", "Training"), ("auxiliary", "Auxiliary_Set"),
+                      ("validation", "Validation"), ("test", "Test")):
+        loss, accuracy = main_task_metrics(model, *splits[name])
+        final[f"Loss/{tag}"], final[f"Accuracy/{tag}"] = float(loss), float(accuracy)
+    for tag, value in final.items():
+        context.writer.add_scalar(f"Final/{tag}", value, step)
+    weights = {}
+    if history:
+        weights = dict(zip(tasks, history[-1][1]))
+        plot_weights(history, tasks, str(context.run_dir / "auxiliary_weights.png"), context.writer, step)
+    context.writer.flush()
+    return {"status": "finished", "final": final, "objective": final["Loss/Validation"],
+            "network_weight_steps_done": step, "auxiliary_weights": weights,
+            "hyperparameters": {"lr": lr, "momentum": momentum, "weight_decay": weight_decay}}
