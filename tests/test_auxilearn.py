@@ -137,3 +137,79 @@ def test_rotation_task_rotates_each_image_by_its_own_quarter_turns():
     rotated = auxilearn.rotate(images, torch.tensor([1, 2]))
     torch.testing.assert_close(rotated[0], torch.rot90(images[0], 1, dims=(-2, -1)))
     torch.testing.assert_close(rotated[1], torch.rot90(images[1], 2, dims=(-2, -1)))
+
+
+# ----------------------------------------------------------------------------- end to end
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+SHORT = {"teaching.steps": 400, "teaching.warmup_steps": 50, "teaching.log_interval": 100,
+         "device": "cpu", "seed": 0}
+
+
+def run_algorithm(name, tmp_path, **overrides):
+    import train
+    return train.main([ROOT / "configs" / "digits_teaching.yaml", ROOT / "configs" / f"{name}.yaml"],
+                      {**SHORT, **overrides}, log_root=tmp_path, progress=False)
+
+
+def test_learned_weighting_beats_its_equal_weighting_initialisation(tmp_path):
+    learned = run_algorithm("AuxiLearn_Linear", tmp_path)
+    equal = run_algorithm("AuxiLearn_EqualWeighting", tmp_path)
+    assert learned["status"] == equal["status"] == "finished"
+    assert learned["algorithm"] == "AuxiLearn_Linear" and learned["seed"] == 0
+    # Same seed, same data order: only the auxiliary-weight updates differ.
+    assert learned["objective"] < 0.6 * equal["objective"]
+    assert learned["final"]["Loss/Auxiliary_Set"] < equal["final"]["Loss/Auxiliary_Set"]
+    weights = learned["auxiliary_weights"]
+    assert weights["noisy_labels"] < 0.3 < 1.0 < weights["parity"]  # label noise turned down
+    assert equal["auxiliary_weights"] == pytest.approx({"parity": 1.0, "rotation": 1.0,
+                                                        "noisy_labels": 1.0}, abs=1e-6)
+
+    run_dir = pathlib.Path(learned["run_dir"])
+    assert (run_dir / "results.json").is_file() and (run_dir / "auxiliary_weights.png").stat().st_size > 1000
+    events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0, "images": 0})
+    events.Reload()
+    noisy = events.Scalars("Auxiliary/Weight_Noisy_Labels")
+    assert [e.step for e in noisy] == [100, 200, 300, 400]
+    assert noisy[0].value > noisy[-1].value == pytest.approx(weights["noisy_labels"], rel=1e-5)
+    assert events.Scalars("Final/Loss/Validation")[-1].value == pytest.approx(learned["objective"], rel=1e-6)
+    assert "AuxiLearn/Weights" in events.Tags()["images"]
+
+
+def test_nonlinear_combiner_and_main_task_only_baseline(tmp_path):
+    nonlinear = run_algorithm("AuxiLearn_Nonlinear", tmp_path)
+    alone = run_algorithm("AuxiLearn_NoAuxiliary", tmp_path)
+    assert nonlinear["final"]["Accuracy/Test"] > 0.85 and alone["final"]["Accuracy/Test"] > 0.85
+    assert nonlinear["auxiliary_weights"]["noisy_labels"] < 0.1
+    assert alone["auxiliary_weights"] == {}
+    assert not (pathlib.Path(alone["run_dir"]) / "auxiliary_weights.png").exists()
+
+
+def test_main_task_only_network_has_only_the_main_head():
+    model = auxilearn.MultiTaskNet(64, 8, [])
+    assert list(model.heads) == ["main"]
+    assert list(auxilearn.MultiTaskNet(64, 8, ["noisy_labels", "parity"]).heads) == ["main", "parity"]
+
+
+@pytest.mark.parametrize("override, key", [
+    ({"teaching.auxiliary_tasks": ["parity", "colour"]}, "teaching.auxiliary_tasks"),
+    ({"teaching.auxiliary_tasks": "parity"}, "teaching.auxiliary_tasks"),
+    ({"teaching.combiner": "quadratic"}, "teaching.combiner"),
+    ({"teaching.neumann_steps": 0}, "teaching.neumann_steps"),
+    ({"teaching.momentum": 1.5}, "teaching.momentum"),
+    ({"teaching.train_size": 5000}, "teaching.train_size"),
+])
+def test_bad_options_are_user_errors(tmp_path, override, key):
+    with pytest.raises(UserError, match=key):
+        run_algorithm("AuxiLearn_Linear", tmp_path, **override)
+
+
+def test_command_line_reports_bad_option_in_one_line(tmp_path):
+    import subprocess
+    import sys
+    completed = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), "-c", str(ROOT / "configs" / "digits_teaching.yaml"),
+         str(ROOT / "configs" / "AuxiLearn_Linear.yaml"), "-l", str(tmp_path), "-q",
+         "--set", "teaching.combiner=cubic"], capture_output=True, text=True, cwd=ROOT)
+    assert completed.returncode == 2
+    assert completed.stderr.strip().count("\n") == 0 and "teaching.combiner" in completed.stderr
