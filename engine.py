@@ -18,7 +18,7 @@ from torch.func import functional_call
 
 import hypergradients
 from errors import UserError
-from hyperparameters import Hyperparameters
+from hyperparameters import TRANSFORMS, Hyperparameters
 from optimisers import HYPERPARAMETER_OPTIMISERS, OPTIMISERS
 from registry import closest
 
@@ -149,15 +149,15 @@ def build_weight_optimiser(spec, where):
 
 def default_raw(optimiser, transforms):
     """Raw values for hyperparameters the config leaves out: the optimiser's
-    natural defaults mapped into each transform's space."""
-    from hyperparameters import TRANSFORMS
+    natural defaults mapped into each transform's space (a natural 0 under
+    ``10^``/``exp``/``sigmoid`` becomes -30, i.e. 1e-30 or 1e-13)."""
     raw = {}
     for name, natural in optimiser.hyperparameters.items():
         inverse = TRANSFORMS[transforms.get(name)][1]
         try:
             raw[name] = inverse(natural)
         except (ValueError, ZeroDivisionError):
-            raw[name] = -30.0 if transforms.get(name) in ("10^", "exp") else -30.0
+            raw[name] = -30.0
     return raw
 
 

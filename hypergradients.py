@@ -78,11 +78,6 @@ def _detach(value):
     return value.detach()
 
 
-def _grad_or_zeros(outputs, inputs, grad_outputs=None):
-    grads = torch.autograd.grad(outputs, inputs, grad_outputs=grad_outputs, allow_unused=True)
-    return tuple(torch.zeros_like(x) if g is None else g for x, g in zip(inputs, grads))
-
-
 @METHODS.register("None")
 class NoHypergradient:
     """Fixed hyperparameters: nothing is recorded or differentiated."""
@@ -111,7 +106,7 @@ class Unrolled:
 
     def hypergradient(self, window):
         loss = window.validation_loss(window.end)
-        return _grad_or_zeros(loss, window.hyperparameters)
+        return _vjp(loss, window.hyperparameters, retain_graph=False)
 
 
 @METHODS.register("Implicit")
@@ -142,9 +137,10 @@ class Implicit:
         return _vjp(window.end, window.hyperparameters, inverse_product)
 
 
-def _vjp(outputs, inputs, vector):
-    """``vector · ∂outputs/∂inputs``, keeping the graph for further products."""
-    grads = torch.autograd.grad(outputs, inputs, grad_outputs=vector, retain_graph=True,
+def _vjp(outputs, inputs, vector=None, retain_graph=True):
+    """``vector · ∂outputs/∂inputs`` (zeros where ``outputs`` do not depend on
+    an input), by default keeping the graph for further products."""
+    grads = torch.autograd.grad(outputs, inputs, grad_outputs=vector, retain_graph=retain_graph,
                                 allow_unused=True)
     return tuple(torch.zeros_like(x) if g is None else g for x, g in zip(inputs, grads))
 
