@@ -136,3 +136,37 @@ def test_fixed_input_is_not_learned_and_shuffled_batches_are_a_permutation():
 def test_bad_options_are_user_errors(tmp_path, options, key):
     with pytest.raises(UserError, match=key):
         gtn.generative_teaching_network(context=make_context(tmp_path), **options)
+
+
+# ----------------------------------------------------------------------------- end to end
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+TINY = {"teaching.outer_steps": 2, "teaching.inner_steps": 2, "teaching.log_interval": 1,
+        "teaching.eval_learners": 1, "teaching.shuffles": 1, "device": "cpu"}
+
+
+@pytest.mark.parametrize("algorithm", ["GTN_Curriculum", "GTN_FixedInput", "GTN_FreshNoise",
+                                       "GTN_RealDataBaseline"])
+def test_algorithm_files_run_through_train_main(tmp_path, algorithm):
+    import train
+    results = train.main([ROOT / "configs" / "digits_teaching.yaml", ROOT / "configs" / f"{algorithm}.yaml"],
+                         TINY, log_root=tmp_path, progress=False)
+    assert results["status"] == "finished" and results["algorithm"] == algorithm
+    assert results["teacher_steps_done"] == 2
+    assert 0 < results["final"]["Accuracy/Test"] <= 1 and results["objective"] == results["final"]["Loss/Validation"]
+    run_dir = pathlib.Path(results["run_dir"])
+    assert (run_dir / "config.yaml").is_file() and (run_dir / "results.json").is_file()
+    assert (run_dir / "generated_samples.png").exists() == (algorithm != "GTN_RealDataBaseline")
+
+
+def test_parallel_exec_runs_a_gtn_over_seeds(tmp_path):
+    import json
+    import parallel_exec
+    status = parallel_exec.main(
+        ["-c", str(ROOT / "configs" / "digits_teaching.yaml"), "--algorithms", "GTN_Curriculum",
+         "--repetitions", "2", "--generator", "iteration_id", "--workers", "1", "-l", str(tmp_path),
+         "-g", "seeds", "--no-progress", "--set"] + [f"{key}={value}" for key, value in TINY.items()])
+    assert status == 0
+    results = [json.loads(path.read_text()) for path in sorted(tmp_path.rglob("results.json"))]
+    assert [r["seed"] for r in results] == [0, 1] and all(r["status"] == "finished" for r in results)
+    assert results[0]["objective"] != results[1]["objective"]  # different seeds, different runs
