@@ -45,6 +45,9 @@ class Window:
     hyperparameters: list      # raw hyperparameter leaves (the outer variables)
     validation_loss: Callable  # weights -> scalar validation loss on a fixed batch
     training_losses: list      # detached training loss of each recorded step
+    last_grads: tuple = None   # training gradient of the last update (with graph)
+    linearisation: tuple = None  # closed-form Jacobian products of a one-update window
+    natural: dict = None       # transformed hyperparameters (with graph to the raw ones)
 
 
 def leaves(weights):
@@ -62,14 +65,17 @@ def unroll(start, state, optimiser, hyperparameters, training_loss, batches):
     """
     state = {key: _detach(value) for key, value in state.items()}
     natural = hyperparameters.natural()
-    weights = start
+    weights, linearisation = start, None
     losses = []
     for batch in batches:
         loss = training_loss(weights, batch)
         grads = torch.autograd.grad(loss, weights, create_graph=True)
+        if optimiser.linearisation is not None and len(batches) == 1:
+            linearisation = optimiser.linearisation(weights, grads, state, natural)
         weights, state = optimiser.update(weights, grads, state, natural)
         losses.append(loss.detach())
-    return Window(start, weights, state, hyperparameters.leaves(), None, losses)
+    return Window(start, weights, state, hyperparameters.leaves(), None, losses,
+                  last_grads=grads, linearisation=linearisation, natural=natural)
 
 
 def _detach(value):
@@ -115,12 +121,13 @@ class Implicit:
     with ``(I - ∂u/∂w)^{-1}`` approximated by ``solver`` in
     ``rollback_distance`` terms (Neumann) or iterations (CG)."""
 
-    def __init__(self, rollback_distance=5, solver="neumann"):
+    def __init__(self, rollback_distance=5, solver="neumann", closed_form=True):
         if not isinstance(rollback_distance, int) or rollback_distance < 1:
             raise ValueError(f"`rollback_distance` must be a positive integer, "
                              f"got {rollback_distance!r}")
         self.rollback_distance = rollback_distance
         self.solve = linear_solvers.get_solver(solver)
+        self.closed_form = closed_form
         self.trajectory = None
 
     def differentiable_steps(self, network_weight_steps):
@@ -130,11 +137,38 @@ class Implicit:
         end = tuple(w.detach().requires_grad_(True) for w in window.end)
         validation_grad = torch.autograd.grad(window.validation_loss(end), end)
 
+        if self.closed_form and window.linearisation is not None:
+            return self._with_closed_form(window, validation_grad)
         # v ↦ v ∂u/∂w is one double-backward through the recorded update.
         inverse_product, self.trajectory = self.solve(
             lambda v: _vjp(window.end, window.start, v), validation_grad,
             self.rollback_distance)
         return _vjp(window.end, window.hyperparameters, inverse_product)
+
+    def _with_closed_form(self, window, validation_grad):
+        """The same computation with the optimiser's closed-form Jacobian
+        products: only ``H x`` needs autograd (through the gradient alone)."""
+        weight_product, hyperparameter_products = window.linearisation
+
+        def hessian_product(vector):
+            return _vjp(window.last_grads, window.start, vector)
+
+        inverse_product, self.trajectory = self.solve(
+            lambda v: weight_product(v, hessian_product), validation_grad,
+            self.rollback_distance)
+        cotangents = hyperparameter_products(inverse_product)
+        outputs, vectors = [], []
+        for name, cotangent in cotangents.items():
+            value = window.natural[name]
+            if not (value[0] if isinstance(value, (tuple, list)) else value).requires_grad:
+                continue  # not optimised
+            if isinstance(value, (tuple, list)):
+                outputs.extend(value)
+                vectors.extend(cotangent)
+            else:
+                outputs.append(value)
+                vectors.append(cotangent)
+        return _vjp(outputs, window.hyperparameters, vectors, retain_graph=False)
 
 
 def _vjp(outputs, inputs, vector=None, retain_graph=True):

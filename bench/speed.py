@@ -96,7 +96,7 @@ def main():
                              {"device": str(device)}, log_root=log_root, progress=False)
     print(f"\nwhole UCI-energy Ours_LR_Momentum run: {results['network_weight_steps_done']} "
           f"weight steps, training loop {results['wall_time_s']:.2f} s "
-          f"(logging every 10 steps included), final test loss "
+          f"(logging every 100 steps included), final test loss "
           f"{results['final']['Loss/Test']:.4f}")
 
 

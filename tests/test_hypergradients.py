@@ -94,6 +94,23 @@ def test_implicit_with_one_term_equals_one_step_unrolled():
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
 
 
+@pytest.mark.parametrize("rollback", [1, 5])
+@pytest.mark.parametrize("per_weight", [False, True], ids=["scalar_lr", "per_weight_lr"])
+@pytest.mark.parametrize("optimised", [["lr", "weight_decay", "momentum"], ["weight_decay"]],
+                         ids=["all", "weight_decay_only"])
+def test_closed_form_jacobian_products_equal_autograd(rollback, per_weight, optimised):
+    """SGD's closed-form products (the fast path) against autograd through the update."""
+    high_dimensional = ["lr"] if per_weight and "lr" in optimised else []
+    fast, _ = hypergradient_of(hypergradients.Implicit(rollback), VALUES, optimised, 1,
+                               high_dimensional=high_dimensional)
+    slow, _ = hypergradient_of(hypergradients.Implicit(rollback, closed_form=False), VALUES,
+                               optimised, 1, high_dimensional=high_dimensional)
+    assert len(fast) == len(slow)
+    for a, b in zip(fast, slow):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-15)
+        assert a.abs().sum() > 0
+
+
 def test_baydin_matches_closed_form():
     """Plain SGD, natural learning rate: dL_V(w_1)/dα = -∇L_V(w_1) · ∇L_T(w_0)."""
     values = {"lr": 0.1, "weight_decay": 0.0, "momentum": 0.0}
@@ -150,7 +167,7 @@ def quadratic_problem(dimension=6, seed=0):
     return optimum, training_loss, validation_loss, decay, exact
 
 
-def implicit_on_quadratic(terms, solver, lr=0.8):
+def implicit_on_quadratic(terms, solver, lr=0.8, closed_form=True):
     optimum, training_loss, validation_loss, decay, exact = quadratic_problem()
     hypers = make_hyperparameters({"lr": lr, "weight_decay": decay, "momentum": 0.0},
                                   ["lr", "weight_decay"], transforms={}, shapes=[optimum.shape])
@@ -158,18 +175,20 @@ def implicit_on_quadratic(terms, solver, lr=0.8):
     state = optimiser.init((optimum,))
     window = hypergradients.unroll(hypergradients.leaves((optimum,)), state, optimiser, hypers, training_loss, [None])
     window.validation_loss = validation_loss
-    method = hypergradients.Implicit(rollback_distance=terms, solver=solver)
+    method = hypergradients.Implicit(rollback_distance=terms, solver=solver,
+                                     closed_form=closed_form)
     lr_grad, decay_grad = method.hypergradient(window)
     return lr_grad, decay_grad, exact
 
 
+@pytest.mark.parametrize("closed_form", [True, False], ids=["closed_form", "autograd"])
 @pytest.mark.parametrize("solver", ["neumann", "cg"])
-def test_implicit_converges_to_exact_implicit_hypergradient(solver):
+def test_implicit_converges_to_exact_implicit_hypergradient(solver, closed_form):
     # Neumann: terms of the series; CG: iterations (exact after n = 6 in exact arithmetic).
     terms = [1, 3, 10, 30, 100] if solver == "neumann" else [1, 2, 4, 6]
     errors = []
     for count in terms:
-        lr_grad, decay_grad, exact = implicit_on_quadratic(count, solver)
+        lr_grad, decay_grad, exact = implicit_on_quadratic(count, solver, closed_form=closed_form)
         errors.append(abs(decay_grad.item() - exact.item()))
         # At the fixed point the weights do not depend on the learning rate.
         assert abs(lr_grad.item()) < 1e-10
