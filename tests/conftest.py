@@ -8,7 +8,8 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 SHARED_DATA = ROOT.parent / "shared" / "data"
 
-os.environ.setdefault("HYPERGRAD_DATA", str(SHARED_DATA))
+# Absolute, so that SLURM jobs and worker processes started elsewhere see the same root.
+os.environ["HYPERGRAD_DATA"] = os.path.abspath(os.environ.get("HYPERGRAD_DATA", SHARED_DATA))
 torch.set_num_threads(1)
 
 
