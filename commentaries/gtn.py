@@ -169,18 +169,17 @@ def train_learner(learner, params, images, labels, lr, momentum=0.0, differentia
 
 def _sgd_steps(learner, params, images, labels, lr, momentum, differentiable, truncation, on_step):
     steps = len(images)
+    first_graph_step = steps if not differentiable else steps - (truncation or steps)
     params = {name: value if value.requires_grad else value.detach().requires_grad_()
               for name, value in params.items()}
     velocity = {name: torch.zeros_like(value) for name, value in params.items()}
     for step in range(steps):
-        if differentiable and truncation is not None and step == steps - truncation:
-            params = {name: value.detach().requires_grad_() for name, value in params.items()}
-            velocity = {name: value.detach() for name, value in velocity.items()}
+        keep_graph = step >= first_graph_step
         loss = F.cross_entropy(functional_call(learner, params, (images[step],)), labels[step])
-        grads = torch.autograd.grad(loss, list(params.values()), create_graph=differentiable)
+        grads = torch.autograd.grad(loss, list(params.values()), create_graph=keep_graph)
         velocity = {name: momentum * velocity[name] + grad for name, grad in zip(params, grads)}
         params = {name: params[name] - lr * velocity[name] for name in params}
-        if not differentiable:
+        if not keep_graph:  # steps outside the window: no graph survives them
             params = {name: value.detach().requires_grad_() for name, value in params.items()}
             velocity = {name: value.detach() for name, value in velocity.items()}
         if on_step is not None:
@@ -193,9 +192,18 @@ def balanced_labels(steps, batch_size, num_classes, device=None):
     return (torch.arange(batch_size, device=device) % num_classes).expand(steps, batch_size)
 
 
-def generate(generator, inputs, labels):
-    """Synthetic images for inputs [K, B, noise] and labels [K, B] -> [K, B, *image]."""
+def generate(generator, inputs, labels, truncation=None):
+    """Synthetic images for inputs [K, B, noise] and labels [K, B] -> [K, B, *image].
+
+    With ``truncation = T`` only the last T steps' images keep a graph: the
+    hypergradient cannot reach the others, so their generator activations are
+    not stored (this is what bounds memory by T rather than K)."""
     steps, batch = labels.shape
+    if truncation is not None and truncation < steps:
+        with torch.no_grad():
+            early = generate(generator, inputs[:steps - truncation], labels[:steps - truncation])
+        late = generate(generator, inputs[steps - truncation:], labels[steps - truncation:])
+        return torch.cat([early, late])
     images = generator(inputs.reshape(steps * batch, -1), labels.reshape(-1))
     return images.view(steps, batch, *generator.image_shape)
 
@@ -203,7 +211,7 @@ def generate(generator, inputs, labels):
 def meta_loss(generator, inputs, labels, learner, init_params, lr, momentum, real_images,
               real_labels, truncation=None):
     """Loss on real data of a learner trained by K differentiable steps on generated data."""
-    images = generate(generator, inputs, labels)
+    images = generate(generator, inputs, labels, truncation)
     params = train_learner(learner, init_params, images, labels, lr, momentum,
                            differentiable=True, truncation=truncation)
     return F.cross_entropy(functional_call(learner, params, (real_images,)), real_labels)
@@ -248,10 +256,11 @@ class Teacher:
             return noise.to(self.log_lr.device)
         return self.inputs
 
-    def batches(self, train_images, train_labels, rng=None, order=None):
+    def batches(self, train_images, train_labels, rng=None, order=None, truncation=None):
         """The K training batches (images, labels) for one learner.
 
-        ``order`` permutes the inner steps (the curriculum check)."""
+        ``order`` permutes the inner steps (the curriculum check); with
+        ``truncation`` only the last steps' images keep a graph."""
         if self.input_kind == "real":
             index = torch.randint(len(train_labels), (self.inner_steps, self.batch_size),
                                   generator=rng or self.rng).to(train_labels.device)
@@ -260,7 +269,7 @@ class Teacher:
             inputs, labels = self.draw_inputs(rng), self.labels
             if order is not None:
                 inputs, labels = inputs[order], labels[order]
-            images = generate(self.generator, inputs, labels)
+            images = generate(self.generator, inputs, labels, truncation)
         return images, labels
 
 
@@ -400,7 +409,7 @@ def generative_teaching_network(*, context, data=None, input="learned", outer_st
     for step in tqdm(range(1, outer_steps + 1), desc="GTN outer steps", disable=not context.progress):
         real = torch.randint(len(train_labels), (real_batch_size,), generator=rng).to(device)
         init_params = init_learner_params(learner, rng, device=device)
-        images, labels = teacher.batches(train_images, train_labels)
+        images, labels = teacher.batches(train_images, train_labels, truncation=truncation)
         params = train_learner(learner, init_params, images, labels, teacher.lr(), inner_momentum,
                                differentiable=True, truncation=truncation)
         loss = F.cross_entropy(functional_call(learner, params, (train_images[real],)), train_labels[real])
@@ -463,3 +472,30 @@ def finish(teacher, learner, splits, eval_learners, shuffles, momentum, context,
     return {"status": "finished", "final": final, "objective": final["Loss/Validation"],
             "teacher_steps_done": step,
             "hyperparameters": {"lr": float(teacher.lr().detach()), "momentum": momentum}}
+
+
+# ----------------------------------------------------------------------------- memory
+
+def peak_saved_bytes(inner_steps, truncation=None, batch_size=50, noise_size=16, seed=0):
+    """Peak live bytes autograd keeps for one outer step (meta-loss forward and
+    backward) of a digits-sized GTN with learned inputs: the memory the unroll
+    grows with. Full unrolls grow linearly in K; ``truncation = T`` bounds it by
+    T. (For bench/RESULTS.md; exact on any device, via saved-tensor hooks.)
+
+        python -c "from commentaries import gtn; print(gtn.peak_saved_bytes(128, 8))"
+    """
+    from commentaries.common import SavedTensorMeter
+
+    torch.manual_seed(seed)
+    generator = Generator(noise_size, 10, (1, 8, 8))
+    inputs = torch.randn(inner_steps, batch_size, noise_size, requires_grad=True)
+    labels = balanced_labels(inner_steps, batch_size, 10)
+    learner = make_learner(64, 64, 10)
+    init = init_learner_params(learner, torch.Generator().manual_seed(seed))
+    real_images, real_labels = torch.rand(256, 1, 8, 8), torch.randint(10, (256,))
+    meter = SavedTensorMeter()
+    with meter.measure():
+        loss = meta_loss(generator, inputs, labels, learner, init, torch.tensor(0.2, requires_grad=True),
+                         0.5, real_images, real_labels, truncation=truncation)
+        loss.backward()
+    return meter.peak

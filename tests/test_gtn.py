@@ -170,3 +170,10 @@ def test_parallel_exec_runs_a_gtn_over_seeds(tmp_path):
     results = [json.loads(path.read_text()) for path in sorted(tmp_path.rglob("results.json"))]
     assert [r["seed"] for r in results] == [0, 1] and all(r["status"] == "finished" for r in results)
     assert results[0]["objective"] != results[1]["objective"]  # different seeds, different runs
+
+
+def test_truncated_unroll_memory_is_bounded_by_the_window_not_the_unroll_length():
+    full_short, full_long = gtn.peak_saved_bytes(8), gtn.peak_saved_bytes(32)
+    window_short, window_long = gtn.peak_saved_bytes(8, truncation=4), gtn.peak_saved_bytes(32, truncation=4)
+    assert full_long > 3 * full_short  # the full unroll keeps every step's graph
+    assert window_long == window_short < full_short  # the window keeps T steps', whatever K
