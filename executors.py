@@ -183,8 +183,11 @@ class LocalExecutor:
         return {"status": FAILED, "error": value, "run_dir": argument.get("run_dir")}
 
     def map(self, function, jobs, label=None):
-        """Start every job; one future per job, in order."""
-        return [self._pool.submit(self._run_in_process, function, job) for job in jobs]
+        """Start every job; one future per job, in order. Each run gets its
+        share of the cores, so ``workers`` runs do not oversubscribe them."""
+        threads = max(1, (os.cpu_count() or 1) // self.workers)
+        return [self._pool.submit(self._run_in_process, function, {"threads": threads, **job})
+                for job in jobs]
 
     def as_completed(self, handles):
         """``(index, result)`` pairs in completion order."""
