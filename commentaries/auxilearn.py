@@ -40,13 +40,13 @@ from tqdm import tqdm  # noqa: E402
 
 import linear_solvers  # noqa: E402
 from commentaries import TEACHERS  # noqa: E402
-from commentaries.gtn import atomic_savefig, check_choice, check_float, check_int, digit_splits  # noqa: E402
+from commentaries.common import check_bool, check_choice, check_float, check_int, save_figure  # noqa: E402
+from commentaries.gtn import load_splits  # noqa: E402
 from errors import UserError  # noqa: E402
 
 # name -> classes of its own head; noisy_labels reuses the main head (random labels)
 AUXILIARY_TASKS = {"parity": 2, "rotation": 4, "noisy_labels": None}
 COMBINERS = ("linear", "nonlinear")
-NUM_CLASSES = 10
 DIVERGED_OBJECTIVE = 1e10
 
 
@@ -55,11 +55,11 @@ DIVERGED_OBJECTIVE = 1e10
 class MultiTaskNet(nn.Module):
     """Shared MLP trunk with a linear head for the main task and each auxiliary task."""
 
-    def __init__(self, input_size, hidden_size, tasks):
+    def __init__(self, input_size, hidden_size, tasks, num_classes=10):
         super().__init__()
         self.trunk = nn.Sequential(nn.Flatten(), nn.Linear(input_size, hidden_size), nn.ReLU(),
                                    nn.Linear(hidden_size, hidden_size), nn.ReLU())
-        sizes = {"main": NUM_CLASSES, **{task: AUXILIARY_TASKS[task] for task in tasks
+        sizes = {"main": num_classes, **{task: AUXILIARY_TASKS[task] for task in tasks
                                          if AUXILIARY_TASKS[task] is not None}}
         self.heads = nn.ModuleDict({task: nn.Linear(hidden_size, size) for task, size in sizes.items()})
 
@@ -214,8 +214,8 @@ def main_task_metrics(model, images, labels):
 
 def auxilearn_splits(data, train_size, auxiliary_size, seed, device):
     """Labelled training set, held-out auxiliary set (for hypergradients), validation,
-    test; plus the noise task's fixed random labels for the training set."""
-    splits = digit_splits(data)
+    test; plus the noisy-label task's fixed random labels for the training set."""
+    splits, data = load_splits(data, device)
     images, labels = splits["train"]
     if train_size + auxiliary_size > len(labels):
         raise UserError(f"teaching.train_size + teaching.auxiliary_size must be at most "
@@ -223,14 +223,13 @@ def auxilearn_splits(data, train_size, auxiliary_size, seed, device):
     splits["auxiliary"] = (images[train_size:train_size + auxiliary_size],
                            labels[train_size:train_size + auxiliary_size])
     splits["train"] = (images[:train_size], labels[:train_size])
-    noise = torch.randint(NUM_CLASSES, (train_size,), generator=torch.Generator().manual_seed(seed))
-    splits = {name: (x.to(device), y.to(device)) for name, (x, y) in splits.items()}
-    return splits, noise.to(device)
+    noise = torch.randint(data.num_classes, (train_size,), generator=torch.Generator().manual_seed(seed))
+    return splits, noise.to(device), data
 
 
 # ----------------------------------------------------------------------------- plot
 
-def plot_weights(history, tasks, path, writer, step):
+def plot_weights(history, tasks, context, step):
     """Effective auxiliary-task weights over training."""
     figure, axis = plt.subplots(figsize=(5.5, 3.5))
     steps = [entry[0] for entry in history]
@@ -244,29 +243,27 @@ def plot_weights(history, tasks, path, writer, step):
     axis.legend()
     axis.set_title("AuxiLearn: learned auxiliary-loss weights")
     figure.tight_layout()
-    atomic_savefig(figure, path)
-    writer.add_figure("AuxiLearn/Weights", figure, step)
+    save_figure(figure, context, "auxiliary_weights", step)
 
 
 # ----------------------------------------------------------------------------- entry point
 
 def check_options(tasks, combiner, learn_weighting, solver, **numbers):
     if not isinstance(tasks, (list, tuple)) or any(task not in AUXILIARY_TASKS for task in tasks) \
-            or len(set(tasks)) != len(tasks):
+            or len(set(tasks)) != len(tasks):  # noqa: E129
         raise UserError(f"teaching.auxiliary_tasks: must be a list of distinct names from "
                         f"{', '.join(AUXILIARY_TASKS)}, got {tasks!r}")
-    check_choice("combiner", combiner, COMBINERS)
-    check_choice("solver", solver, tuple(sorted(linear_solvers.SOLVERS)))
-    if not isinstance(learn_weighting, bool):
-        raise UserError(f"teaching.learn_weighting: must be true or false, got {learn_weighting!r}")
+    check_choice(combiner, "combiner", COMBINERS)
+    check_choice(solver, "solver", tuple(sorted(linear_solvers.SOLVERS)))
+    check_bool(learn_weighting, "learn_weighting")
     for key in ("steps", "train_size", "auxiliary_size", "batch_size", "hidden_size",
                 "update_every", "neumann_steps", "log_interval", "combiner_hidden"):
-        check_int(key, numbers[key], 1)
-    check_int("warmup_steps", numbers["warmup_steps"], 0)
+        check_int(numbers[key], key, 1)
+    check_int(numbers["warmup_steps"], "warmup_steps", 0)
     for key in ("lr", "hypergradient_lr", "outer_lr", "max_grad_norm"):
-        check_float(key, numbers[key], 0.0, strict=True)
-    check_float("momentum", numbers["momentum"], 0.0, 1.0)
-    check_float("weight_decay", numbers["weight_decay"], 0.0)
+        check_float(numbers[key], key, 0.0, strict_minimum=True)
+    check_float(numbers["momentum"], "momentum", 0.0, 1.0)
+    check_float(numbers["weight_decay"], "weight_decay", 0.0)
 
 
 @TEACHERS.register("AuxiLearn")
@@ -285,11 +282,11 @@ def auxilearn(*, context, data=None, auxiliary_tasks=("parity", "rotation", "noi
                   momentum=momentum, weight_decay=weight_decay)
     tasks = list(auxiliary_tasks)
     device, writer = context.device, context.writer
-    splits, noise_labels = auxilearn_splits(data, train_size, auxiliary_size, context.seed, device)
+    splits, noise_labels, data = auxilearn_splits(data, train_size, auxiliary_size, context.seed, device)
     train_images, train_labels = splits["train"]
     rng = torch.Generator().manual_seed(context.seed)
     meta_rng = torch.Generator().manual_seed(context.seed + 1)  # meta batches don't shift the training order
-    model = MultiTaskNet(train_images[0].numel(), hidden_size, tasks).to(device)
+    model = MultiTaskNet(train_images[0].numel(), hidden_size, tasks, data.num_classes).to(device)
     weighting = None
     if tasks:
         weighting = (LinearCombiner(len(tasks)) if combiner == "linear"
@@ -327,10 +324,11 @@ def auxilearn(*, context, data=None, auxiliary_tasks=("parity", "rotation", "noi
                          step, history)
 
     if status == "diverged":
-        return {"status": "diverged", "final": {}, "objective": DIVERGED_OBJECTIVE,
+        return {"status": "diverged", "dataset": data.name, "final": {}, "objective": DIVERGED_OBJECTIVE,
                 "network_weight_steps_done": step}
-    return finish(model, weighting, tasks, splits, history, context, step, lr, momentum,
-                  weight_decay)
+    results = finish(model, weighting, tasks, splits, history, context, step, lr, momentum,
+                     weight_decay)
+    return {"dataset": data.name, **results}
 
 
 def meta_step(model, weighting, tasks, meta, train_batch, auxiliary_split, rng, weight_decay,
@@ -369,7 +367,7 @@ def finish(model, weighting, tasks, splits, history, context, step, lr, momentum
     weights = {}
     if history:
         weights = dict(zip(tasks, history[-1][1]))
-        plot_weights(history, tasks, str(context.run_dir / "auxiliary_weights.png"), context.writer, step)
+        plot_weights(history, tasks, context, step)
     context.writer.flush()
     return {"status": "finished", "final": final, "objective": final["Loss/Validation"],
             "network_weight_steps_done": step, "auxiliary_weights": weights,

@@ -26,8 +26,6 @@ Data (``data: {class: Digits}``) is scikit-learn's embedded 8×8 digits,
 so everything runs offline and on a CPU in seconds.
 """
 import math
-import os
-import tempfile
 
 import matplotlib
 
@@ -40,74 +38,23 @@ from torch.func import functional_call  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from commentaries import TEACHERS  # noqa: E402
+from commentaries.common import (build_student, check_bool, check_choice, check_float,  # noqa: E402
+                                 check_int, check_list, save_figure)
+from commentaries.data import build_data  # noqa: E402
 from errors import UserError  # noqa: E402
 
 INPUT_KINDS = ("learned", "fixed", "noise", "real")
 DIVERGED_OBJECTIVE = 1e10
-SPLIT_SEED = 0  # the data split is the same for every run seed, so runs compare
 
 
-# ----------------------------------------------------------------------------- options
-
-def check_int(key, value, minimum=0, allow_none=False):
-    """``value`` as an int >= ``minimum``; a ``teaching.<key>`` UserError otherwise."""
-    if value is None and allow_none:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise UserError(f"teaching.{key}: must be an integer >= {minimum}, got {value!r}")
-    return value
-
-
-def check_float(key, value, minimum=None, maximum=None, strict=False):
-    """``value`` as a float inside the given range; a UserError naming the key otherwise."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise UserError(f"teaching.{key}: must be a finite number, got {value!r}")
-    too_small = minimum is not None and (value <= minimum if strict else value < minimum)
-    too_large = maximum is not None and value > maximum
-    if too_small or too_large:
-        low = "-inf" if minimum is None else minimum
-        high = "inf" if maximum is None else maximum
-        bracket = "(" if strict else "["
-        raise UserError(f"teaching.{key}: must lie in {bracket}{low}, {high}], got {value!r}")
-    return float(value)
-
-
-def check_choice(key, value, choices):
-    if value not in choices:
-        raise UserError(f"teaching.{key}: must be one of {', '.join(choices)}, got {value!r}")
-    return value
-
-
-# ----------------------------------------------------------------------------- data
-
-def digit_splits(spec, dtype=torch.float32):
-    """Embedded 8×8 digits as ``{"train", "validation", "test"}`` -> (images, labels).
-
-    ``spec`` is the ``teaching.data`` mapping: ``{class: Digits, validation_size,
-    test_size}``. Pixels are scaled to [0, 1] (the generator's output range).
-    """
-    from sklearn.datasets import load_digits
-
-    spec = {"class": "Digits"} if spec is None else spec
-    if not isinstance(spec, dict) or spec.get("class") != "Digits":
-        raise UserError(f"teaching.data: must be a mapping with class: Digits, got {spec!r}")
-    unknown = set(spec) - {"class", "validation_size", "test_size"}
-    if unknown:
-        raise UserError(f"teaching.data: unknown option(s) {sorted(unknown)}; "
-                        "valid options: validation_size=300, test_size=400")
-    validation_size = check_int("data.validation_size", spec.get("validation_size", 300), 1)
-    test_size = check_int("data.test_size", spec.get("test_size", 400), 1)
-    digits = load_digits()
-    images = torch.tensor(digits.images, dtype=dtype).unsqueeze(1) / 16.0
-    labels = torch.tensor(digits.target, dtype=torch.long)
-    if validation_size + test_size >= len(labels) - 10:
-        raise UserError(f"teaching.data: validation_size + test_size must leave training data "
-                        f"(there are {len(labels)} digits)")
-    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(SPLIT_SEED))
-    test, validation, train = (order[:test_size], order[test_size:test_size + validation_size],
-                               order[test_size + validation_size:])
-    return {name: (images[index], labels[index])
-            for name, index in (("train", train), ("validation", validation), ("test", test))}
+def load_splits(spec, device):
+    """``teaching.data`` (default: the embedded digits, ``{class: Digits}``) as
+    ``({"train", "validation", "test"} -> (images, labels), TeachingData)``.
+    The split depends on the data's own seed, not the run's, so runs compare."""
+    data = build_data({"class": "Digits"} if spec is None else spec).to(device)
+    splits = {"train": (data.train_x, data.train_y), "validation": (data.val_x, data.val_y),
+              "test": (data.test_x, data.test_y)}
+    return splits, data
 
 
 # ----------------------------------------------------------------------------- networks
@@ -130,24 +77,20 @@ class Generator(nn.Module):
         return pixels.view(-1, *self.image_shape)
 
 
-def make_learner(input_size, hidden_size, num_classes):
-    """The learner architecture; its weights live outside it, in a dictionary."""
-    return nn.Sequential(nn.Flatten(), nn.Linear(input_size, hidden_size), nn.ReLU(),
-                         nn.Linear(hidden_size, num_classes))
-
-
 def init_learner_params(learner, rng, dtype=None, device=None):
-    """Fresh weights for ``learner`` as leaf tensors, PyTorch's default Linear
-    initialisation (U[-1/√fan_in, 1/√fan_in]) drawn from ``rng``, so every outer
-    step meets a new learner yet runs are reproducible."""
-    params = {}
-    for name, parameter in learner.named_parameters():
-        module = learner.get_submodule(name.rsplit(".", 1)[0])
-        bound = 1.0 / math.sqrt(module.in_features)
-        draw = torch.rand(parameter.shape, generator=rng, dtype=torch.float64)
-        value = (2 * draw - 1) * bound
-        params[name] = value.to(dtype=dtype or parameter.dtype, device=device or parameter.device)
-    return params
+    """Fresh weights for ``learner`` (any architecture) as a dict of leaf tensors:
+    each layer's own ``reset_parameters`` under a seed drawn from ``rng``, so
+    every outer step meets a new learner yet runs are reproducible and the
+    global random stream is untouched."""
+    seed = int(torch.randint(2 ** 62, (1,), generator=rng))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for module in learner.modules():
+            if hasattr(module, "reset_parameters"):
+                module.reset_parameters()
+    return {name: parameter.detach().clone().to(dtype=dtype or parameter.dtype,
+                                                device=device or parameter.device)
+            for name, parameter in learner.named_parameters()}
 
 
 # ----------------------------------------------------------------------------- inner loop
@@ -308,44 +251,41 @@ def evaluate(teacher, learner, train, splits, learners, momentum, seed, order=No
 
 # ----------------------------------------------------------------------------- plots
 
-def atomic_savefig(figure, path):
-    """Write a PNG via a temporary file in the same directory, then os.replace."""
-    handle, temporary = tempfile.mkstemp(suffix=".png", dir=os.path.dirname(path))
-    os.close(handle)
-    figure.savefig(temporary, dpi=100)
-    os.replace(temporary, path)
-
-
-def plot_samples(teacher, path, writer, step, max_rows=12):
+def plot_samples(teacher, context, step, max_rows=12):
     """Grid of generated samples: a row per inner step (evenly spaced when K is
-    large), a column per class."""
+    large), a column per class; ``generated_samples.png`` and TensorBoard."""
     if teacher.generator is None:
         return
     with torch.no_grad():
         rng = torch.Generator().manual_seed(1)
-        images = generate(teacher.generator, teacher.draw_inputs(rng), teacher.labels).cpu().numpy()
+        images = generate(teacher.generator, teacher.draw_inputs(rng), teacher.labels).cpu()
+    images = images.permute(0, 1, 3, 4, 2).numpy()  # K, B, H, W, C for imshow
     steps, classes = images.shape[0], teacher.generator.num_classes
     rows = sorted(set(torch.linspace(0, steps - 1, min(steps, max_rows)).round().long().tolist()))
     columns = min(classes, teacher.batch_size)
     figure, axes = plt.subplots(len(rows), columns, figsize=(0.8 * columns + 1, 0.8 * len(rows) + 0.6),
                                 squeeze=False)
-    for row, step in enumerate(rows):
+    for row, inner_step in enumerate(rows):
         for column in range(columns):
             axis = axes[row][column]
-            axis.imshow(images[step, column, 0], cmap="gray_r", vmin=0, vmax=1)
+            image = images[inner_step, column]
+            if image.shape[-1] == 1:
+                axis.imshow(image[..., 0], cmap="gray_r", vmin=0, vmax=1)
+            else:
+                axis.imshow(image.clip(0, 1))
             axis.set_xticks([])
             axis.set_yticks([])
             if row == 0:
                 axis.set_title(f"{int(teacher.labels[0, column])}", fontsize=9)
             if column == 0:
-                axis.set_ylabel(f"step {step + 1}", fontsize=8)
-    figure.suptitle(f"GTN ({teacher.input_kind} input): generated samples per inner step", fontsize=10)
+                axis.set_ylabel(f"step {inner_step + 1}", fontsize=8)
+    figure.suptitle(f"GTN ({teacher.input_kind} input): generated samples per inner step "
+                    "(columns: label)", fontsize=10)
     figure.tight_layout()
-    atomic_savefig(figure, path)
-    writer.add_figure("GTN/Generated_Samples", figure, step)  # closes the figure
+    save_figure(figure, context, "generated_samples", step)
 
 
-def plot_curriculum(curves, path, writer, step):
+def plot_curriculum(curves, context, step):
     """Test accuracy of learners along the inner steps: learned order vs shuffled."""
     figure, axis = plt.subplots(figsize=(5, 3.5))
     for label, curve in curves.items():
@@ -357,52 +297,59 @@ def plot_curriculum(curves, path, writer, step):
     axis.legend()
     axis.set_title("Learners trained on generated batches")
     figure.tight_layout()
-    atomic_savefig(figure, path)
-    writer.add_figure("GTN/Curriculum", figure, step)
+    save_figure(figure, context, "inner_step_accuracy", step)
 
 
 # ----------------------------------------------------------------------------- entry point
 
+def check_options(input, truncation, inner_steps, learn_inner_lr, transfer_learners, **numbers):
+    """Types and ranges of the GTN options (``teaching.<key>: ...`` user errors)."""
+    check_choice(input, "input", INPUT_KINDS)
+    check_bool(learn_inner_lr, "learn_inner_lr")
+    check_list(transfer_learners, "transfer_learners")
+    check_int(inner_steps, "inner_steps", 1)
+    for key in ("batch_size", "real_batch_size", "noise_size", "generator_hidden",
+                "eval_learners", "log_interval"):
+        check_int(numbers[key], key, 1)
+    for key in ("outer_steps", "shuffles"):
+        check_int(numbers[key], key, 0)
+    for key in ("inner_lr", "max_grad_norm"):
+        check_float(numbers[key], key, 0.0, strict_minimum=True)
+    check_float(numbers["outer_lr"], "outer_lr", 0.0)
+    check_float(numbers["inner_momentum"], "inner_momentum", 0.0, 1.0)
+    if truncation is not None:
+        check_int(truncation, "truncation", 1, inner_steps)
+
+
 @TEACHERS.register("GTN", aliases=["GenerativeTeachingNetwork"])
 def generative_teaching_network(*, context, data=None, input="learned", outer_steps=300,
                                 inner_steps=8, batch_size=50, real_batch_size=256, noise_size=16,
-                                generator_hidden=128, learner_hidden=64, inner_lr=0.2,
+                                generator_hidden=128, learner=None, inner_lr=0.2,
                                 learn_inner_lr=True, inner_momentum=0.5, outer_lr=0.01,
                                 max_grad_norm=10.0, truncation=None, eval_learners=4,
-                                shuffles=4, log_interval=50):
-    """Train a GTN teacher and return the run's results (see module docstring)."""
-    input_kind = check_choice("input", input, INPUT_KINDS)
-    outer_steps = check_int("outer_steps", outer_steps, 0)
-    inner_steps = check_int("inner_steps", inner_steps, 1)
-    batch_size = check_int("batch_size", batch_size, 1)
-    real_batch_size = check_int("real_batch_size", real_batch_size, 1)
-    noise_size = check_int("noise_size", noise_size, 1)
-    generator_hidden = check_int("generator_hidden", generator_hidden, 1)
-    learner_hidden = check_int("learner_hidden", learner_hidden, 1)
-    inner_lr = check_float("inner_lr", inner_lr, 0.0, strict=True)
-    inner_momentum = check_float("inner_momentum", inner_momentum, 0.0, 1.0)
-    outer_lr = check_float("outer_lr", outer_lr, 0.0)
-    max_grad_norm = check_float("max_grad_norm", max_grad_norm, 0.0, strict=True)
-    truncation = check_int("truncation", truncation, 1, allow_none=True)
-    eval_learners = check_int("eval_learners", eval_learners, 1)
-    shuffles = check_int("shuffles", shuffles, 0)
-    log_interval = check_int("log_interval", log_interval, 1)
-    if not isinstance(learn_inner_lr, bool):
-        raise UserError(f"teaching.learn_inner_lr: must be true or false, got {learn_inner_lr!r}")
-    if truncation is not None and truncation > inner_steps:
-        raise UserError(f"teaching.truncation: must be at most inner_steps ({inner_steps}), got {truncation}")
+                                shuffles=4, transfer_learners=(), log_interval=50):
+    """Train a GTN teacher and return the run's results (see module docstring).
 
+    ``learner`` is a student spec (``{class: MLP, hidden: [64]}``, the default;
+    ``CNN``, ``Linear``); ``transfer_learners`` lists other architectures that
+    are trained on the final generated batches and evaluated on real test data.
+    """
+    check_options(input, truncation, inner_steps, learn_inner_lr, transfer_learners,
+                  outer_steps=outer_steps, batch_size=batch_size, real_batch_size=real_batch_size,
+                  noise_size=noise_size, generator_hidden=generator_hidden, inner_lr=inner_lr,
+                  inner_momentum=inner_momentum, outer_lr=outer_lr, max_grad_norm=max_grad_norm,
+                  eval_learners=eval_learners, shuffles=shuffles, log_interval=log_interval)
     device = context.device
-    splits = {name: (x.to(device), y.to(device)) for name, (x, y) in digit_splits(data).items()}
+    splits, data = load_splits(data, device)
     train_images, train_labels = splits["train"]
-    num_classes, image_shape = 10, tuple(train_images.shape[1:])
     rng = torch.Generator().manual_seed(context.seed)
-    teacher = Teacher(input_kind, noise_size, num_classes, image_shape, generator_hidden,
-                      inner_steps, batch_size, inner_lr, learn_inner_lr, rng, device)
-    learner = make_learner(math.prod(image_shape), learner_hidden, num_classes).to(device)
+    teacher = Teacher(input, noise_size, data.num_classes, tuple(train_images.shape[1:]),
+                      generator_hidden, inner_steps, batch_size, inner_lr, learn_inner_lr, rng, device)
+    learner_spec = learner or {"class": "MLP", "hidden": [64]}
+    learner = build_student(learner_spec, "teaching.learner", **data.shape()).to(device)
     parameters = teacher.parameters()
     optimiser = torch.optim.Adam(parameters, lr=outer_lr) if parameters else None
-    writer, run_dir = context.writer, context.run_dir
+    writer = context.writer
 
     status, step = "finished", 0
     interval_loss, interval_steps = torch.zeros((), device=device), 0
@@ -437,15 +384,23 @@ def generative_teaching_network(*, context, data=None, input="learned", outer_st
             writer.add_scalar("Accuracy/Validation", metrics["validation"][1], step)
 
     if status == "diverged":
-        return {"status": "diverged", "final": {}, "objective": DIVERGED_OBJECTIVE,
-                "teacher_steps_done": step}
-    return finish(teacher, learner, splits, eval_learners, shuffles, inner_momentum, context,
-                  outer_steps)
+        return {"status": "diverged", "dataset": data.name, "final": {},
+                "objective": DIVERGED_OBJECTIVE, "teacher_steps_done": step}
+    final = final_metrics(teacher, learner, splits, eval_learners, shuffles, inner_momentum, context,
+                          outer_steps)
+    for index, spec in enumerate(transfer_learners):
+        final.update(transfer_metrics(teacher, spec, index, data, splits, eval_learners,
+                                      inner_momentum, context.seed + 4))
+    for tag, value in final.items():
+        writer.add_scalar(f"Final/{tag}", value, outer_steps)
+    writer.flush()
+    return {"status": "finished", "dataset": data.name, "final": final,
+            "objective": final["Loss/Validation"], "teacher_steps_done": outer_steps,
+            "hyperparameters": {"lr": float(teacher.lr().detach()), "momentum": inner_momentum}}
 
 
-def finish(teacher, learner, splits, eval_learners, shuffles, momentum, context, step):
+def final_metrics(teacher, learner, splits, eval_learners, shuffles, momentum, context, step):
     """Final evaluation, the curriculum (shuffled-order) check and the plots."""
-    writer, run_dir = context.writer, context.run_dir
     metrics, curve = evaluate(teacher, learner, splits["train"], splits, eval_learners, momentum,
                               seed=context.seed + 2, curve_on="test")
     final = {}
@@ -457,21 +412,29 @@ def finish(teacher, learner, splits, eval_learners, shuffles, momentum, context,
         order_rng = torch.Generator().manual_seed(context.seed + 3)
         for _ in range(shuffles):
             order = torch.randperm(teacher.inner_steps, generator=order_rng).to(teacher.log_lr.device)
-            shuffled, curve = evaluate(teacher, learner, splits["train"], {"test": splits["test"]}, eval_learners,
-                                       momentum, seed=context.seed + 2, order=order, curve_on="test")
+            shuffled, curve = evaluate(teacher, learner, splits["train"], {"test": splits["test"]},
+                                       eval_learners, momentum, seed=context.seed + 2, order=order,
+                                       curve_on="test")
             shuffled_accuracy += shuffled["test"][1] / shuffles
             shuffled_curve += torch.tensor(curve) / shuffles
         final["Accuracy/Test_Shuffled_Order"] = shuffled_accuracy
         final["Accuracy/Shuffle_Drop"] = final["Accuracy/Test"] - shuffled_accuracy
         curves["shuffled order"] = shuffled_curve.tolist()
-    for tag, value in final.items():
-        writer.add_scalar(f"Final/{tag}", value, step)
-    plot_samples(teacher, str(run_dir / "generated_samples.png"), writer, step)
-    plot_curriculum(curves, str(run_dir / "inner_step_accuracy.png"), writer, step)
-    writer.flush()
-    return {"status": "finished", "final": final, "objective": final["Loss/Validation"],
-            "teacher_steps_done": step,
-            "hyperparameters": {"lr": float(teacher.lr().detach()), "momentum": momentum}}
+    plot_samples(teacher, context, step)
+    plot_curriculum(curves, context, step)
+    return final
+
+
+def transfer_metrics(teacher, spec, index, data, splits, eval_learners, momentum, seed):
+    """Test loss/accuracy of another architecture trained on the generated batches
+    (with the learned learning rate): does the teaching transfer?"""
+    where = f"teaching.transfer_learners[{index}]"
+    learner = build_student(spec, where, **data.shape()).to(teacher.log_lr.device)
+    name = spec if isinstance(spec, str) else spec.get("class")
+    metrics, _ = evaluate(teacher, learner, splits["train"], {"test": splits["test"]}, eval_learners,
+                          momentum, seed=seed)
+    return {f"Loss/Test_Transfer_{index}_{name}": metrics["test"][0],
+            f"Accuracy/Test_Transfer_{index}_{name}": metrics["test"][1]}
 
 
 # ----------------------------------------------------------------------------- memory
@@ -484,13 +447,13 @@ def peak_saved_bytes(inner_steps, truncation=None, batch_size=50, noise_size=16,
 
         python -c "from commentaries import gtn; print(gtn.peak_saved_bytes(128, 8))"
     """
-    from commentaries.common import SavedTensorMeter
+    from commentaries.common import SavedTensorMeter, mlp
 
     torch.manual_seed(seed)
     generator = Generator(noise_size, 10, (1, 8, 8))
     inputs = torch.randn(inner_steps, batch_size, noise_size, requires_grad=True)
     labels = balanced_labels(inner_steps, batch_size, 10)
-    learner = make_learner(64, 64, 10)
+    learner = mlp(in_channels=1, image_size=8, num_outputs=10, hidden=[64])
     init = init_learner_params(learner, torch.Generator().manual_seed(seed))
     real_images, real_labels = torch.rand(256, 1, 8, 8), torch.randint(10, (256,))
     meter = SavedTensorMeter()

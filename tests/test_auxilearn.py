@@ -173,7 +173,7 @@ def test_learned_weighting_beats_its_equal_weighting_initialisation(tmp_path):
     assert [e.step for e in noisy] == [100, 200, 300, 400]
     assert noisy[0].value > noisy[-1].value == pytest.approx(weights["noisy_labels"], rel=1e-5)
     assert events.Scalars("Final/Loss/Validation")[-1].value == pytest.approx(learned["objective"], rel=1e-6)
-    assert "AuxiLearn/Weights" in events.Tags()["images"]
+    assert "Commentary/auxiliary_weights" in events.Tags()["images"]
 
 
 def test_nonlinear_combiner_and_main_task_only_baseline(tmp_path):

@@ -9,6 +9,7 @@ from torch.utils.tensorboard import SummaryWriter
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from commentaries import gtn
+from commentaries.common import mlp
 from errors import UserError
 
 
@@ -27,7 +28,7 @@ def tiny_problem(steps=3, truncation=None):
     inputs = torch.randn(steps, batch, noise_size, dtype=torch.float64, requires_grad=True)
     log_lr = torch.tensor(-0.5, dtype=torch.float64, requires_grad=True)
     labels = gtn.balanced_labels(steps, batch, classes)
-    learner = gtn.make_learner(4, 8, classes).double()
+    learner = mlp(in_channels=1, image_size=2, num_outputs=classes, hidden=[8]).double()
     init = gtn.init_learner_params(learner, torch.Generator().manual_seed(1), dtype=torch.float64)
     real_x = torch.rand(6, *shape, dtype=torch.float64)
     real_y = torch.tensor([0, 1, 2, 0, 1, 2])
@@ -101,7 +102,7 @@ def test_learned_curriculum_lowers_outer_objective_and_logs(tmp_path):
     validation = events.Scalars("Loss/Validation")
     assert [event.step for event in validation] == [10, 20, 30, 40, 50, 60]
     assert validation[-1].value < validation[0].value
-    assert "GTN/Generated_Samples" in events.Tags()["images"]
+    assert {"Commentary/generated_samples", "Commentary/inner_step_accuracy"} <= set(events.Tags()["images"])
     assert events.Scalars("Final/Loss/Validation")[-1].value == pytest.approx(trained["objective"], rel=1e-6)
 
 
