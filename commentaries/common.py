@@ -285,7 +285,8 @@ class SavedTensorMeter:
         size = tensor.numel() * tensor.element_size()
         self.live += size
         self.peak = max(self.peak, self.live)
-        box = _Box(tensor)
+        box = _Box(tensor.detach())  # autograd restores the metadata on unpack; a
+        # box holding the tensor itself would form an uncollectable cycle with its grad_fn
         weakref.finalize(box, self._release, size)
         return box
 

@@ -132,8 +132,11 @@ SPLITS = (0.5, 0.2, 0.3)
 
 
 @DATASETS.register("Digits")
-def digits(*, source="digits", image_size=8, seed=0, data_root=None, max_examples=0):
-    """The 10-class digits themselves (augmentation experiments)."""
+def digits(*, source="digits", image_size=8, validation_size=300, test_size=400, seed=0, data_root=None,
+           max_examples=0):
+    """The 10-class digits themselves (augmentation experiments): fixed
+    validation and test sizes, the rest for training (the same split options
+    as ``configs/digits_teaching.yaml`` uses for GTN and AuxiLearn)."""
     check_int(image_size, "data.image_size", 4, 64)
     check_int(max_examples, "data.max_examples", 0)
     images, labels = base_images(source, data_root)
@@ -141,8 +144,15 @@ def digits(*, source="digits", image_size=8, seed=0, data_root=None, max_example
     if max_examples:
         keep = torch.randperm(len(images), generator=generator)[:max_examples]
         images, labels = images[keep], labels[keep]
+    check_int(validation_size, "data.validation_size", 1)
+    check_int(test_size, "data.test_size", 1)
+    if validation_size + test_size >= len(images):
+        raise UserError(f"teaching.data: validation_size + test_size must leave training data "
+                        f"(there are {len(images)} images)")
     images = _resize(images, image_size)
-    train, val, test = _split_indices(len(images), SPLITS, generator)
+    order = torch.randperm(len(images), generator=generator)
+    val, test = order[:validation_size], order[validation_size:validation_size + test_size]
+    train = order[validation_size + test_size:]
     return TeachingData("Digits", {}, images[train], labels[train], images[val], labels[val],
                         images[test], labels[test], num_classes=10)
 

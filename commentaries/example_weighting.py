@@ -31,9 +31,10 @@ KIND = "example_weighting"
 # The teacher and the weighted loss
 
 
-def build_teacher(in_channels, image_size, curriculum=True, width=8):
+def build_teacher(in_channels, image_size, curriculum=True, width=8, activation="ReLU"):
     """Two-block CNN with one output; input channels + 1 when ``curriculum``."""
-    return cnn(in_channels=in_channels + int(curriculum), image_size=image_size, num_outputs=1, width=width)
+    return cnn(in_channels=in_channels + int(curriculum), image_size=image_size, num_outputs=1, width=width,
+               activation=activation)
 
 
 def example_weights(teacher, teacher_params, x, progress, curriculum):
@@ -126,8 +127,8 @@ def plot_weights(teacher, teacher_params, data, curriculum, context, step):
     save_figure(figure, context, "weight_vs_rotation", step)
 
     progress = torch.linspace(0, 1, 21)
-    correlations = [spearmanr(example_weights(teacher, teacher_params, data.train_x, float(p), curriculum).cpu(),
-                              angles.abs()).statistic for p in progress]
+    correlations = [float(spearmanr(example_weights(teacher, teacher_params, data.train_x, float(p), curriculum).cpu(),
+                                    angles.abs()).statistic) for p in progress]
     figure, axis = plt.subplots(figsize=(5, 3.5))
     axis.plot(progress, correlations, marker="o")
     axis.axhline(0, color="grey", lw=0.8)
@@ -184,8 +185,8 @@ def train_student_with_commentary(payload, data, student, options, context, gene
 
 
 @TEACHERS.register("ExampleWeighting")
-def example_weighting(*, context, data=None, commentary="learned", curriculum=True, teacher_steps=100,
-                      teacher_lr=0.001, teacher_width=8, inner_steps=20, inner_lr=0.1, batch_size=32,
+def example_weighting(*, context, data=None, commentary="learned", curriculum=True, teacher_steps=200,
+                      teacher_lr=0.01, teacher_width=8, inner_steps=20, inner_lr=0.3, batch_size=32,
                       student=None, chunk_size=0, truncation=0, objective_seeds=4, evaluation_students=None,
                       evaluation_steps=None, evaluation_lr=None, evaluation_optimiser="SGD", log_interval=10):
     """Learn an example-weighting teacher (``commentary: learned``) or skip it
@@ -219,7 +220,7 @@ def example_weighting(*, context, data=None, commentary="learned", curriculum=Tr
     if commentary == "learned":
         teacher = build_teacher(dataset.in_channels, dataset.image_size, curriculum, teacher_width).to(device)
         params = dict(teacher.named_parameters())
-        student_spec = student or {"class": "CNN", "width": 8}
+        student_spec = student or {"class": "MLP", "hidden": [32]}
         make_student = lambda: build_student(student_spec, "teaching.student", **dataset.shape())  # noqa: E731
         problem = Problem(dataset, teacher, make_student(), curriculum=curriculum, inner_steps=inner_steps,
                           inner_lr=inner_lr, batch_size=batch_size)

@@ -1,0 +1,101 @@
+"""Peak memory of Algorithm 1 (backpropagation through K student steps) for
+example-weighting commentaries, with and without the memory-bounded modes.
+
+Backpropagating through ``K`` inner steps keeps every step's graph alive, so
+memory grows linearly in ``K``. The bounded modes of
+``commentaries.common.unrolled_hypergradient`` cap it:
+
+* ``chunk_size=C``: exact gradient checkpointing -- only every ``C``-th weight
+  state is kept; chunks are recomputed one at a time in the backward pass
+  (same gradient, about one extra forward pass of compute);
+* ``truncation=T``: backpropagate through the last ``T`` steps only (biased).
+
+Measured quantity: the peak of live bytes saved for backward, counted exactly
+with ``torch.autograd.graph.saved_tensors_hooks`` (device-independent: this is
+the part of memory that grows with ``K``); on CUDA also
+``torch.cuda.max_memory_allocated`` over the hypergradient call. Checks that
+the checkpointed gradient equals the full one.
+
+    python bench/commentary_memory.py                      # CPU, K = 25 .. 200
+    python bench/commentary_memory.py --device cuda --inner-steps 50 200 800
+"""
+import argparse
+import json
+import pathlib
+import sys
+import time
+
+import torch
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from commentaries import example_weighting  # noqa: E402
+from commentaries.common import SavedTensorMeter, atomic_write_bytes, build_student, fresh_weights  # noqa: E402
+from commentaries.data import build_data  # noqa: E402
+
+
+def measure(problem, make_student, hyper, device, modes):
+    """Peak saved bytes, CUDA peak (or None), seconds and the gradient."""
+    torch.manual_seed(0)
+    weights = fresh_weights(make_student(), device)
+    meter = SavedTensorMeter()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        baseline = torch.cuda.memory_allocated()
+    started = time.perf_counter()
+    with meter.measure():
+        loss, _, grads = problem.hypergradient(weights, hyper, torch.Generator().manual_seed(1), **modes)
+    cuda_peak = None
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        cuda_peak = torch.cuda.max_memory_allocated() - baseline
+    return meter.peak, cuda_peak, time.perf_counter() - started, loss, grads
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--inner-steps", type=int, nargs="+", default=[25, 50, 100, 200])
+    parser.add_argument("--chunk-size", type=int, default=10)
+    parser.add_argument("--truncation", type=int, default=10)
+    parser.add_argument("--student", default="CNN", choices=["CNN", "MLP"])
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--output", help="also write the rows as JSON here")
+    arguments = parser.parse_args(argv)
+
+    device = torch.device(arguments.device)
+    data = build_data({"class": "RotatedDigits", "overlapping": True, "image_size": 16}).to(device)
+    spec = {"class": "CNN", "width": 16} if arguments.student == "CNN" else {"class": "MLP", "hidden": [64]}
+    make_student = lambda: build_student(spec, "student", **data.shape()).to(device)  # noqa: E731
+    torch.manual_seed(0)
+    teacher = example_weighting.build_teacher(1, data.image_size, True, 8).to(device)
+    hyper = tuple(teacher.parameters())
+    rows = []
+    print(f"device {device}, student {spec}, batch {arguments.batch_size}, "
+          f"{sum(p.numel() for p in make_student().parameters())} student weights")
+    print("| K | mode | peak saved-tensor MiB | CUDA peak MiB | seconds | max grad diff vs full |")
+    print("|---|---|---|---|---|---|")
+    for steps in arguments.inner_steps:
+        problem = example_weighting.Problem(data, teacher, make_student(), curriculum=True, inner_steps=steps,
+                                            inner_lr=0.1, batch_size=arguments.batch_size)
+        reference = None
+        for mode, modes in (("full", {}), (f"checkpoint C={arguments.chunk_size}", {"chunk_size": arguments.chunk_size}),
+                            (f"truncated T={arguments.truncation}", {"truncation": arguments.truncation})):
+            peak, cuda_peak, seconds, loss, grads = measure(problem, make_student, hyper, device, modes)
+            if reference is None:
+                reference = grads
+            difference = max(float((a - b).abs().max()) for a, b in zip(grads, reference))
+            row = {"inner_steps": steps, "mode": mode, "saved_bytes_peak": peak, "cuda_peak_bytes": cuda_peak,
+                   "seconds": seconds, "max_grad_difference": difference, "validation_loss": float(loss)}
+            rows.append(row)
+            cuda = "-" if cuda_peak is None else f"{cuda_peak / 2**20:.1f}"
+            print(f"| {steps} | {mode} | {peak / 2**20:.1f} | {cuda} | {seconds:.2f} | {difference:.1e} |", flush=True)
+    if arguments.output:
+        atomic_write_bytes(arguments.output, json.dumps(rows, indent=1).encode())
+    return rows
+
+
+if __name__ == "__main__":
+    main()

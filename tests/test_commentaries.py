@@ -1,0 +1,503 @@
+"""Commentaries: hypergradients against finite differences and exact solves,
+learned commentaries against their initialisation, baselines against their
+definitions, storage round trips, and end-to-end runs through ``train.main``.
+
+All on the embedded digits, tiny sizes, fixed seeds; real numbers asserted.
+"""
+import json
+import math
+import os
+import pathlib
+import sys
+import types
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import commentaries  # noqa: E402
+from commentaries import attention, augmentation, example_weighting, storage  # noqa: E402
+from commentaries.common import (SavedTensorMeter, build_student, fresh_weights, implicit_hypergradient,  # noqa: E402
+                                 unrolled_hypergradient)
+from commentaries.data import build_data  # noqa: E402
+from errors import UserError  # noqa: E402
+
+ROTATED = {"class": "RotatedDigits", "overlapping": True, "image_size": 8, "train_size": 256,
+           "validation_size": 128, "test_size": 128}
+
+
+def make_context(tmp_path, seed=0, writer=False):
+    torch.manual_seed(seed)
+    summary = None
+    if writer:
+        from torch.utils.tensorboard import SummaryWriter
+        summary = SummaryWriter(tmp_path)
+    return types.SimpleNamespace(run_dir=pathlib.Path(tmp_path), writer=summary, device=torch.device("cpu"),
+                                 seed=seed, progress=False)
+
+
+# ----------------------------------------------------------------------------
+# Data
+
+
+def test_rotated_digits_angles_follow_the_class_ranges():
+    for overlapping, ranges in ((False, ((15, 45), (-45, -15))), (True, ((-5, 30), (-30, 5)))):
+        data = build_data({**ROTATED, "overlapping": overlapping})
+        for split in ("train", "val", "test"):
+            angle, label = data.extras[f"{split}_angle"], getattr(data, f"{split}_y")
+            for cls, (low, high) in enumerate(ranges):
+                chosen = angle[label == cls]
+                assert len(chosen) > 20
+                assert chosen.min() >= low and chosen.max() <= high
+        assert data.train_x.shape == (256, 1, 8, 8) and 0 <= data.train_x.min() and data.train_x.max() <= 1
+
+
+def test_coloured_digits_label_is_the_red_digit():
+    data = build_data({"class": "ColouredDigits", "train_size": 64, "validation_size": 8, "test_size": 8})
+    x = data.train_x
+    assert x.shape == (64, 3, 16, 16)
+    assert torch.all(x[:, 1] == 0)  # no green
+    quadrant = data.extras["train_red_quadrant"]
+    for i in range(64):
+        r, c = divmod(int(quadrant[i]), 2)
+        red = x[i, 0]
+        inside = red[r * 8:(r + 1) * 8, c * 8:(c + 1) * 8].sum()
+        assert inside > 0 and math.isclose(float(inside), float(red.sum()), rel_tol=1e-6)
+        assert x[i, 2, r * 8:(r + 1) * 8, c * 8:(c + 1) * 8].sum() == 0  # blue elsewhere
+
+
+def test_bad_data_options_are_user_errors():
+    with pytest.raises(UserError, match="teaching.data.overlapping"):
+        build_data({"class": "RotatedDigits", "overlapping": "yes"})
+    with pytest.raises(UserError, match="unknown option 'sise'"):
+        build_data({"class": "Digits", "sise": 3})
+    with pytest.raises(UserError, match="source"):
+        build_data({"class": "Digits", "source": "imagenet"})
+
+
+# ----------------------------------------------------------------------------
+# Algorithm 1: unrolled hypergradients
+
+
+def tiny_weighting_problem(dtype=torch.float64):
+    data = build_data({**ROTATED, "train_size": 64, "validation_size": 32})
+    for split in ("train", "val", "test"):
+        setattr(data, f"{split}_x", getattr(data, f"{split}_x").to(dtype))
+    torch.manual_seed(0)
+    teacher = example_weighting.build_teacher(1, 8, curriculum=True, width=2, activation="Tanh").to(dtype)
+    student = build_student({"class": "MLP", "hidden": [6], "activation": "Tanh"}, "s", **data.shape()).to(dtype)
+    problem = example_weighting.Problem(data, teacher, student, curriculum=True, inner_steps=4, inner_lr=0.5,
+                                        batch_size=16)
+    hyper = tuple(p.detach().clone().requires_grad_(True) for p in teacher.parameters())
+    return problem, student, hyper
+
+
+def unrolled_loss(problem, student, hyper, **modes):
+    weights = fresh_weights(student, "cpu", torch.float64)
+    loss, _, grads = problem.hypergradient(weights, hyper, torch.Generator().manual_seed(3), **modes)
+    return loss, grads
+
+
+def test_unrolled_hypergradient_matches_central_finite_differences():
+    problem, student, hyper = tiny_weighting_problem()
+    loss, grads = unrolled_loss(problem, student, hyper)
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        direction = [torch.randn(h.shape, generator=generator, dtype=h.dtype) for h in hyper]
+        epsilon = 1e-6  # small: the teacher's max-pooling is only piecewise smooth
+        plus = unrolled_loss(problem, student, tuple(h + epsilon * d for h, d in zip(hyper, direction)))[0]
+        minus = unrolled_loss(problem, student, tuple(h - epsilon * d for h, d in zip(hyper, direction)))[0]
+        numeric = float(plus - minus) / (2 * epsilon)
+        analytic = float(sum((g * d).sum() for g, d in zip(grads, direction)))
+        assert abs(numeric) > 1e-6
+        assert analytic == pytest.approx(numeric, rel=1e-5)
+
+
+def test_checkpointed_unroll_is_exact_and_holds_less_memory():
+    problem, student, hyper = tiny_weighting_problem()
+    problem.inner_steps = 12
+    meters = {}
+    results = {}
+    for name, modes in (("full", {}), ("chunks", {"chunk_size": 3}), ("chunks_uneven", {"chunk_size": 5})):
+        meter = SavedTensorMeter()
+        with meter.measure():
+            results[name] = unrolled_loss(problem, student, hyper, **modes)
+        meters[name] = meter.peak
+    for name in ("chunks", "chunks_uneven"):
+        assert float(results[name][0]) == pytest.approx(float(results["full"][0]), rel=1e-12)
+        for a, b in zip(results[name][1], results["full"][1]):
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+    assert meters["chunks"] < 0.5 * meters["full"]
+    # a truncated window of all K steps is the full gradient; a shorter one is not
+    same = unrolled_loss(problem, student, hyper, truncation=12)[1]
+    short = unrolled_loss(problem, student, hyper, truncation=3)[1]
+    for a, b in zip(same, results["full"][1]):
+        torch.testing.assert_close(a, b)
+    assert not all(torch.allclose(a, b) for a, b in zip(short, results["full"][1]))
+
+
+def test_augmentation_unrolled_hypergradient_matches_finite_differences():
+    data = build_data({"class": "Digits", "image_size": 4, "max_examples": 300, "validation_size": 40,
+                       "test_size": 40})
+    data.train_x, data.val_x = data.train_x.double(), data.val_x.double()
+    torch.manual_seed(0)
+    student = build_student({"class": "MLP", "hidden": [5], "activation": "Tanh"}, "s", **data.shape()).double()
+    inner, outer = augmentation.unrolled_losses(student, data, 16, 3, torch.Generator().manual_seed(0))
+    grid = (0.3 * torch.randn(10, 10, dtype=torch.float64)).requires_grad_(True)
+
+    def loss_at(g):
+        return unrolled_hypergradient(inner, outer, fresh_weights(student, "cpu", torch.float64), (g,), 3, 0.5)
+
+    _, _, (hypergrad,) = loss_at(grid)
+    direction = torch.randn(10, 10, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    epsilon = 1e-5
+    numeric = float(loss_at(grid + epsilon * direction)[0] - loss_at(grid - epsilon * direction)[0]) / (2 * epsilon)
+    assert abs(numeric) > 1e-6
+    assert float((hypergrad * direction).sum()) == pytest.approx(numeric, rel=1e-6)
+
+
+# ----------------------------------------------------------------------------
+# Algorithm 2: implicit hypergradients on a strongly convex student
+
+
+def convex_augmentation_problem():
+    """Softmax regression with an L2 penalty on 3 digit classes at 4x4, blended
+    by a 3x3 grid: strongly convex in w, so w*(φ) is unique and the implicit
+    function theorem holds exactly."""
+    data = build_data({"class": "Digits", "image_size": 4, "validation_size": 300, "test_size": 100})
+    keep = data.train_y < 3
+    x, y = data.train_x[keep][:60].double(), data.train_y[keep][:60]
+    keep = data.val_y < 3
+    vx, vy = data.val_x[keep][:40].double(), data.val_y[keep][:40]
+    partner = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
+    student = build_student({"class": "Linear"}, "s", in_channels=1, image_size=4, num_outputs=3).double()
+    kappa = 0.3
+
+    def training_loss(weights, hyper):
+        call = lambda inputs: functional_call(student, weights, (inputs,))  # noqa: E731
+        penalty = sum((w ** 2).sum() for w in weights.values())
+        return augmentation.grid_loss(call, hyper[0], x, y, partner, 3) + 0.5 * kappa * penalty
+
+    def validation_loss(weights, hyper):
+        direct = 0.01 * (hyper[0] ** 2).sum()  # exercises the direct term ∂L_V/∂φ
+        return F.cross_entropy(functional_call(student, weights, (vx,)), vy) + direct
+
+    return student, training_loss, validation_loss
+
+
+def solve_inner(student, training_loss, grid):
+    """w*(φ) by Newton's method on the flattened weights (float64, exact)."""
+    names = [n for n, _ in student.named_parameters()]
+    shapes = [p.shape for _, p in student.named_parameters()]
+    sizes = [p.numel() for _, p in student.named_parameters()]
+
+    def unflatten(flat):
+        return {n: t.view(s) for n, t, s in zip(names, torch.split(flat, sizes), shapes)}
+
+    flat = torch.zeros(sum(sizes), dtype=torch.float64)
+    objective = lambda f: training_loss(unflatten(f), (grid,))  # noqa: E731
+    for _ in range(30):
+        gradient = torch.autograd.functional.jacobian(objective, flat)
+        hessian = torch.autograd.functional.hessian(objective, flat)
+        flat = flat - torch.linalg.solve(hessian, gradient)
+        if gradient.norm() < 1e-13:
+            break
+    return {n: t.clone().requires_grad_(True) for n, t in unflatten(flat.detach()).items()}, hessian
+
+
+def test_implicit_hypergradient_matches_exact_solution_and_finite_differences():
+    student, training_loss, validation_loss = convex_augmentation_problem()
+    grid = (0.5 * torch.randn(3, 3, generator=torch.Generator().manual_seed(4), dtype=torch.float64))
+    grid.requires_grad_(True)
+    weights, hessian = solve_inner(student, training_loss, grid)
+    largest = float(torch.linalg.eigvalsh(hessian).max())
+    lr = 1.0 / largest
+
+    def outer_at(g):
+        optimum, _ = solve_inner(student, training_loss, g)
+        return float(validation_loss(optimum, (g,)))
+
+    epsilon = 1e-5
+    numeric = torch.zeros(3, 3, dtype=torch.float64)
+    for i in range(3):
+        for j in range(3):
+            bump = torch.zeros(3, 3, dtype=torch.float64)
+            bump[i, j] = epsilon
+            numeric[i, j] = (outer_at(grid.detach() + bump) - outer_at(grid.detach() - bump)) / (2 * epsilon)
+    errors = {}
+    for steps in (1, 5, 50, 400):
+        _, (estimate,) = implicit_hypergradient(training_loss, validation_loss, weights, (grid,), steps, lr)
+        errors[steps] = float((estimate - numeric).norm() / numeric.norm())
+    assert errors[1] > errors[5] > errors[50] > errors[400]
+    assert errors[400] < 1e-6
+    # one Neumann term (the paper's setting) still points downhill
+    _, (one_step,) = implicit_hypergradient(training_loss, validation_loss, weights, (grid,), 1, lr)
+    assert float((one_step * numeric).sum()) > 0
+
+
+# ----------------------------------------------------------------------------
+# Baselines are what they claim
+
+
+def test_mixup_proportions_follow_beta_one_one():
+    from scipy import stats
+
+    torch.manual_seed(0)
+    lam = augmentation.mixup_proportions(20_000, 1.0)
+    assert float(lam.mean()) == pytest.approx(0.5, abs=0.01)
+    assert float(lam.var()) == pytest.approx(1 / 12, abs=0.003)
+    assert stats.kstest(lam.numpy(), stats.beta(1, 1).cdf).pvalue > 0.01
+    policy = augmentation.Policy("mixup")
+    y = torch.zeros(20_000, dtype=torch.long)
+    assert stats.kstest(policy.sample(y, torch.arange(20_000)).numpy(), "uniform").pvalue > 0.01
+
+
+def test_random_grid_lies_in_half_to_one_and_shuffled_grid_is_a_permutation():
+    generator = torch.Generator().manual_seed(0)
+    random_grid = augmentation.random_proportions(10, generator)
+    assert random_grid.shape == (10, 10)
+    assert float(random_grid.min()) >= 0.5 and float(random_grid.max()) <= 1.0
+    assert float(random_grid.max() - random_grid.min()) > 0.3  # spread, not constant
+    learned = augmentation.proportions_from_grid(torch.randn(10, 10, generator=generator))
+    shuffled = augmentation.shuffle_grid(learned, generator)
+    assert torch.equal(torch.sort(shuffled.flatten()).values, torch.sort(learned.flatten()).values)
+    assert not torch.equal(shuffled, learned)
+    assert float(learned.min()) >= 0.5 and float(learned.max()) <= 1.0
+
+
+def test_blend_mixes_images_and_labels_by_the_grid():
+    x = torch.stack([torch.full((1, 2, 2), float(i)) for i in range(4)])
+    y = torch.tensor([0, 1, 2, 1])
+    partner = torch.tensor([1, 2, 3, 0])
+    grid = torch.zeros(3, 3)
+    grid[0, 1] = 10.0  # λ(0, 1) -> 0.5
+    lam = augmentation.proportions_from_grid(grid)[y, y[partner]]
+    mixed_x, mixed_y = augmentation.blend(x, y, lam, partner, 3)
+    assert float(lam[0]) == pytest.approx(0.5, abs=1e-4) and float(lam[1]) == pytest.approx(0.75)
+    assert float(mixed_x[0, 0, 0, 0]) == pytest.approx(0.5, abs=1e-4)
+    torch.testing.assert_close(mixed_y[0], torch.tensor([0.5, 0.5, 0.0]), atol=1e-4, rtol=0)
+    torch.testing.assert_close(mixed_y.sum(1), torch.ones(4))
+
+
+def test_mask_baselines():
+    torch.manual_seed(0)
+    data = build_data({"class": "ColouredDigits", "train_size": 8, "validation_size": 8, "test_size": 64})
+    teacher = attention.build_teacher(3, 4)
+    params = dict(teacher.named_parameters())
+    x = data.test_x
+    learned = attention.mask_centres(teacher, params, x)
+    assert learned.shape == (64, 2) and float(learned.min()) >= 0 and float(learned.max()) <= 15
+    torch.manual_seed(1)
+    permuted = attention.Masker("permuted", teacher, params).centres(x)
+    assert torch.equal(torch.sort(permuted[:, 0]).values, torch.sort(learned[:, 0]).values)
+    assert not torch.equal(permuted, learned)
+    centres = attention.Masker("random").centres(torch.zeros(4000, 3, 16, 16))
+    assert float(centres.min()) >= 0 and float(centres.max()) <= 15
+    assert float(centres.mean()) == pytest.approx(7.5, abs=0.2)
+    masks = attention.gaussian_masks(torch.tensor([[3.0, 12.0]]), 16, 16, 2.0)
+    assert float(masks[0, 0, 3, 12]) == 1.0 and float(masks[0, 0, 3, 14]) == pytest.approx(math.exp(-0.5))
+    assert torch.equal(attention.Masker("none")(x), x)
+
+
+# ----------------------------------------------------------------------------
+# Learned commentaries lower the objective they are trained on
+
+
+def test_example_weighting_lowers_its_objective_and_plots(tmp_path):
+    results = commentaries.run(
+        {"class": "ExampleWeighting", "data": ROTATED, "teacher_steps": 30, "teacher_lr": 0.01, "inner_steps": 10,
+         "objective_seeds": 3, "evaluation_students": [{"class": "MLP", "hidden": [16]}], "evaluation_steps": 20},
+        make_context(tmp_path, writer=True))
+    teaching = results["teaching"]
+    assert teaching["objective_learned"] < teaching["objective_initial"] - 0.01, teaching
+    assert (tmp_path / "weight_vs_rotation.png").stat().st_size > 5000
+    assert (tmp_path / "rank_correlation_over_training.png").stat().st_size > 5000
+    assert results["objective"] == results["final"]["Loss/Validation"] and 0 < results["objective"] < 1
+    assert -1 <= teaching["Commentary/Rank_Correlation_End"] <= 1
+    assert (tmp_path / "commentary.pt").is_file()
+
+
+def test_augmentation_implicit_lowers_its_objective(tmp_path):
+    results = commentaries.run(
+        {"class": "Augmentation", "data": {"class": "Digits"}, "student": {"class": "MLP", "hidden": [32]},
+         "steps": 150, "grid_lr": 0.05, "inner_steps": 10, "objective_seeds": 2,
+         "evaluation_students": [{"class": "MLP", "hidden": [16]}], "evaluation_steps": 20},
+        make_context(tmp_path))
+    teaching = results["teaching"]
+    assert teaching["objective_learned"] < teaching["objective_initial"] - 0.02, teaching
+    payload = storage.load_commentary(tmp_path / "commentary.pt")
+    lam = payload["tensors"]["proportions"]
+    assert lam.shape == (10, 10) and float(lam.min()) >= 0.5 and float(lam.max()) <= 1.0
+    assert float((lam - 0.75).abs().max()) > 0.1  # moved from the initial λ = 0.75
+    assert payload["learned_by"]["algorithm"] == "implicit (Algorithm 2)"
+    assert (tmp_path / "blending_proportions.png").is_file()
+
+
+def test_augmentation_unrolled_lowers_its_objective(tmp_path):
+    results = commentaries.run(
+        {"class": "Augmentation", "data": {"class": "Digits"}, "method": "unrolled",
+         "student": {"class": "MLP", "hidden": [16]}, "teacher_steps": 15, "inner_steps": 8, "grid_lr": 0.1,
+         "objective_seeds": 2, "evaluation_students": [{"class": "MLP", "hidden": [16]}], "evaluation_steps": 10},
+        make_context(tmp_path))
+    teaching = results["teaching"]
+    assert teaching["objective_learned"] < teaching["objective_initial"] - 0.01, teaching
+
+
+def test_attention_masks_find_the_red_digit(tmp_path):
+    data = {"class": "ColouredDigits", "train_size": 512, "validation_size": 128, "test_size": 256}
+    results = commentaries.run(
+        {"class": "AttentionMasks", "data": data, "teacher_width": 8, "student": {"class": "CNN", "width": 8},
+         "steps": 80, "teacher_lr": 0.01, "validation_batch": 64, "batch_size": 32,
+         "evaluation_students": [{"class": "CNN", "width": 8}], "evaluation_steps": 60, "log_interval": 30},
+        make_context(tmp_path))
+    teaching = results["teaching"]
+    assert teaching["red_quadrant_hits_learned"] > 0.8 > teaching["red_quadrant_hits_initial"], teaching
+    assert teaching["objective_learned"] < teaching["objective_initial"] - 0.05, teaching
+    assert (tmp_path / "attention_masks.png").is_file()
+
+
+# ----------------------------------------------------------------------------
+# Storage and reuse
+
+
+def test_saved_commentary_reloads_bit_for_bit(tmp_path):
+    torch.manual_seed(0)
+    teacher = example_weighting.build_teacher(1, 8, True, 4)
+    state = teacher.state_dict()
+    state["grid"] = torch.randn(10, 10, dtype=torch.float64)  # any dtype survives
+    path = tmp_path / "sub" / "c.pt"
+    storage.save_commentary(path, kind="example_weighting", tensors=state, dataset=ROTATED,
+                            learned_by={"algorithm": "unrolled (Algorithm 1)", "inner_steps": 10, "seed": 0},
+                            config={"curriculum": True, "student": {"class": "MLP", "hidden": [16]}},
+                            teacher={"curriculum": True, "width": 4})
+    assert [p.name for p in path.parent.iterdir()] == ["c.pt"]  # no temporary file left
+    payload = storage.load_commentary(path)
+    assert payload["kind"] == "example_weighting" and payload["dataset"] == ROTATED
+    assert payload["config"]["student"] == {"class": "MLP", "hidden": [16]}
+    assert payload["learned_by"]["algorithm"] == "unrolled (Algorithm 1)"
+    assert set(payload["tensors"]) == set(state)
+    for name, tensor in state.items():
+        loaded = payload["tensors"][name]
+        assert loaded.dtype == tensor.dtype and torch.equal(loaded, tensor)
+        assert loaded.numpy().tobytes() == tensor.numpy().tobytes()
+    again = tmp_path / "again.pt"
+    storage.save_commentary(again, kind=payload["kind"], tensors=payload["tensors"], dataset=payload["dataset"],
+                            learned_by=payload["learned_by"], config=payload["config"], teacher=payload["teacher"])
+    reloaded = storage.load_commentary(again)
+    assert all(torch.equal(reloaded["tensors"][n], payload["tensors"][n]) for n in state)
+
+
+def test_bad_commentary_files_are_user_errors(tmp_path):
+    with pytest.raises(UserError, match="no such file"):
+        storage.load_commentary(tmp_path / "missing.pt")
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"not a checkpoint")
+    with pytest.raises(UserError, match="not a readable commentary"):
+        storage.load_commentary(junk)
+    other = tmp_path / "other.pt"
+    torch.save({"weights": torch.zeros(2)}, other)
+    with pytest.raises(UserError, match="not a hypergrad-commentary"):
+        storage.load_commentary(other)
+
+
+def test_reuse_trains_a_student_of_another_architecture(tmp_path):
+    learn_dir = tmp_path / "learn"
+    learn_dir.mkdir()
+    commentaries.run({"class": "ExampleWeighting", "data": ROTATED, "teacher_steps": 3, "inner_steps": 4,
+                      "objective_seeds": 1, "evaluation_students": [{"class": "MLP", "hidden": [8]}],
+                      "evaluation_steps": 2}, make_context(learn_dir))
+    reuse_dir = tmp_path / "reuse"
+    reuse_dir.mkdir()
+    results = commentaries.run({"class": "TrainWithCommentary", "commentary": str(learn_dir / "commentary.pt"),
+                                "student": {"class": "CNN", "width": 4}, "steps": 30, "lr": 0.3,
+                                "optimiser": "SGD", "batch_size": 32, "log_interval": 10},
+                               make_context(reuse_dir, writer=True))
+    assert results["commentary"]["kind"] == "example_weighting"
+    assert results["dataset"] == "RotatedDigitsOverlapping"
+    assert results["final"]["Accuracy/Test"] > 0.6
+    with pytest.raises(UserError, match="learned on RotatedDigits, not Digits"):
+        commentaries.run({"class": "TrainWithCommentary", "commentary": str(learn_dir / "commentary.pt"),
+                          "data": {"class": "Digits"}}, make_context(reuse_dir))
+
+
+def test_bad_teaching_options_are_user_errors(tmp_path):
+    context = make_context(tmp_path)
+    cases = [({"class": "ExampleWeighting", "data": ROTATED, "inner_steps": 0}, "teaching.inner_steps"),
+             ({"class": "ExampleWeighting", "data": ROTATED, "curriculum": "yes"}, "teaching.curriculum"),
+             ({"class": "Augmentation", "data": {"class": "Digits"}, "policy": "cutmix"}, "teaching.policy"),
+             ({"class": "Augmentation", "data": {"class": "Digits"}, "inner_lr": -1}, "teaching.inner_lr"),
+             ({"class": "AttentionMasks", "data": ROTATED, "steps": 1}, "colour images"),
+             ({"class": "AttentionMasks", "data": ROTATED, "sigmaa": 1}, "unknown option 'sigmaa'"),
+             ({"class": "ExampleWeighting"}, "teaching.data: missing")]
+    for spec, message in cases:
+        with pytest.raises(UserError, match=message):
+            commentaries.run(spec, context)
+
+
+# ----------------------------------------------------------------------------
+# End to end: YAML algorithm files through train.main
+
+
+TINY = {
+    "ExampleWeighting": {"teaching.teacher_steps": 2, "teaching.inner_steps": 3, "teaching.objective_seeds": 1,
+                         "teaching.evaluation_steps": 2, "teaching.log_interval": 1},
+    "Augmentation": {"teaching.steps": 3, "teaching.teacher_steps": 2, "teaching.inner_steps": 2,
+                     "teaching.objective_seeds": 1, "teaching.evaluation_steps": 2, "teaching.log_interval": 1},
+    "AttentionMasks": {"teaching.steps": 2, "teaching.evaluation_steps": 2, "teaching.validation_batch": 16,
+                       "teaching.log_interval": 1, "teaching.data.train_size": 64,
+                       "teaching.data.validation_size": 32, "teaching.data.test_size": 32},
+}
+DATA_FOR = {"ExampleWeighting": "rotated_digits_overlapping", "Augmentation": "digits_augmentation",
+            "AttentionMasks": "coloured_digits"}
+METHOD_FILES = sorted(p.stem for p in (ROOT / "configs").glob("Commentary_*.yaml")
+                      if p.stem != "Commentary_TrainWithCommentary")
+
+
+def method_class(name):
+    import yaml
+
+    return yaml.safe_load((ROOT / "configs" / f"{name}.yaml").read_text())["teaching"]["class"]
+
+
+@pytest.mark.parametrize("method", METHOD_FILES)
+def test_every_commentary_algorithm_file_runs_through_train(method, tmp_path, monkeypatch):
+    import train
+
+    monkeypatch.chdir(ROOT)
+    cls = method_class(method)
+    results = train.main([f"configs/{DATA_FOR[cls]}.yaml", f"configs/{method}.yaml"], overrides=TINY[cls],
+                         log_root=str(tmp_path), progress=False)
+    assert results["status"] == "finished" and results["algorithm"] == method
+    assert math.isfinite(results["objective"]) and 0 < results["final"]["Accuracy/Test"] <= 1
+    written = json.loads((pathlib.Path(results["run_dir"]) / "results.json").read_text())
+    assert written["objective"] == results["objective"]
+
+
+def test_learn_then_reuse_through_train_with_tensorboard(tmp_path, monkeypatch):
+    import train
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    monkeypatch.chdir(ROOT)
+    learned = train.main(["configs/digits_augmentation.yaml", "configs/Commentary_Augmentation.yaml"],
+                         overrides={**TINY["Augmentation"], "teaching.steps": 10, "teaching.log_interval": 5,
+                                    "teaching.evaluation_steps": 10},
+                         log_root=str(tmp_path), progress=False)
+    run_dir = pathlib.Path(learned["run_dir"])
+    accumulator = EventAccumulator(str(run_dir), size_guidance={"images": 0, "scalars": 0}).Reload()
+    tags = accumulator.Tags()
+    assert "Commentary/blending_proportions" in tags["images"]
+    validation = accumulator.Scalars("Loss/Validation")
+    assert [e.step for e in validation] == [5, 10] and all(math.isfinite(e.value) for e in validation)
+    last = [accumulator.Scalars(f"Evaluation/{arch}/Loss/Test")[-1] for arch in ("CNN", "MLP")]
+    assert [e.step for e in last] == [10, 10]
+    assert sum(e.value for e in last) / 2 == pytest.approx(learned["final"]["Loss/Test"], rel=1e-5)
+    reused = train.main(["configs/Commentary_TrainWithCommentary.yaml"],
+                        overrides={"teaching.commentary": str(run_dir / "commentary.pt"), "teaching.steps": 5,
+                                   "teaching.log_interval": 5},
+                        log_root=str(tmp_path), progress=False)
+    assert reused["status"] == "finished" and reused["dataset"] == "Digits"
+    assert reused["commentary"]["learned_by"]["algorithm"] == "implicit (Algorithm 2)"
