@@ -36,6 +36,7 @@ from registry import closest
 REPOSITORY = Path(__file__).resolve().parent
 EXECUTORS = ("local", "slurm")
 FAILED = "failed"
+SLURM_JOB_FILE = "slurm_job_id"
 
 # Our SLURM YAML keys -> (default, what it becomes for submitit's AutoExecutor).
 SLURM_OPTIONS = {
@@ -299,6 +300,26 @@ def sbatch_text(settings, label=None, folder="slurm_logs", array_size=None):
         raise UserError(f"slurm settings: {one_line(error)}") from None
 
 
+def active_slurm_job(run_dir):
+    """The SLURM job id still queued or running for ``run_dir`` (from an earlier
+    submission whose submitter went away), or None."""
+    path = Path(run_dir) / SLURM_JOB_FILE
+    if not path.is_file() or shutil.which("squeue") is None:
+        return None
+    job_id = path.read_text().strip()
+    try:
+        answer = subprocess.run(["squeue", "-h", "-o", "%i %T", "-j", job_id], capture_output=True,
+                                text=True, timeout=30)
+    except subprocess.TimeoutExpired:
+        return None
+    active = ("PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "SUSPENDED", "REQUEUE_HOLD")
+    for line in answer.stdout.splitlines():
+        parts = line.split()
+        if len(parts) == 2 and parts[1] in active:
+            return job_id
+    return None
+
+
 def check_slurm_reachable():
     """A one-line :class:`UserError` unless SLURM's controller answers."""
     if shutil.which("sinfo") is None or shutil.which("srun") is None:
@@ -339,10 +360,15 @@ class SlurmExecutor:
             return []
         self.update(label)
         try:
-            return self._executor.map_array(function, jobs)
+            handles = self._executor.map_array(function, jobs)
         except subprocess.CalledProcessError as error:
             output = error.output.decode() if isinstance(error.output, bytes) else error.output
             raise UserError(f"sbatch refused the job array: {' '.join(str(output).split())[:300]}") from None
+        for job, handle in zip(jobs, handles):
+            if job.get("run_dir"):
+                Path(job["run_dir"]).mkdir(parents=True, exist_ok=True)
+                write_atomically(Path(job["run_dir"]) / SLURM_JOB_FILE, f"{handle.job_id}\n")
+        return handles
 
     @staticmethod
     def result(handle):

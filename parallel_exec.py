@@ -188,8 +188,9 @@ def write_summary(path, summary):
 
 def print_summary(summary, stream=sys.stderr):
     counts = summary["counts"]
+    running = f", {counts['running']} still running on SLURM" if counts.get("running") else ""
     print(f"{summary['total']} runs: {counts.get('finished', 0)} finished, "
-          f"{counts.get('diverged', 0)} diverged, {counts.get('failed', 0)} failed "
+          f"{counts.get('diverged', 0)} diverged, {counts.get('failed', 0)} failed{running} "
           f"({summary['skipped']} already done, {summary['launched']} launched) "
           f"in {summary['wall_time_s']:.1f} s; logs: {summary['group_dir']}", file=stream)
     for line in summary["runs"]:
@@ -208,8 +209,11 @@ def run(options):
     records, pending = [], []
     for job in jobs:
         done = finished_result(job["run_dir"])
+        active = executors.active_slurm_job(job["run_dir"]) if not done else None
         if done:
             records.append(record(job, done, skipped=True))
+        elif active:  # submitted by an earlier invocation and still on SLURM: not twice
+            records.append(record(job, {"status": "running", "error": f"SLURM job {active}"}, skipped=True))
         else:
             pending.append(job)
     bar = tqdm(total=len(jobs), initial=len(jobs) - len(pending), desc="runs", unit="run",

@@ -158,3 +158,37 @@ def test_preempted_job_requeues_and_resumes_to_the_same_result(slurm_cluster, tm
                             capture_output=True, text=True, check=True).stdout
     states = [line.split("|")[1] for line in output.split()]
     assert states[0] == "REQUEUED" and states[-1] == "COMPLETED", output
+
+
+def test_bayesopt_trials_run_on_slurm(slurm_cluster, tmp_path):
+    import bayesopt
+
+    best = bayesopt.main(["-c", ENERGY, str(REPOSITORY / "configs" / "Random_Validation_BayesOpt.yaml"),
+                          "--trials", "3", "--initial", "3", "--parallel", "3", "--executor", "slurm",
+                          "--slurm", LOCAL_SLURM, "-l", str(tmp_path), "--set", "hyperparameter_steps=10",
+                          "--no-progress"])
+    directory = tmp_path / "bayesopt" / "uci_energy" / "Random_Validation_BayesOpt"
+    assert best["completed_trials"] == 3
+    job_ids = [(directory / f"trial_{k}" / "slurm_job_id").read_text().strip() for k in range(3)]
+    wait_for(lambda: set(sacct_states(job_ids).values()) == {"COMPLETED"}, 60, "the trials' SLURM jobs")
+
+
+def test_rerun_does_not_resubmit_runs_still_on_slurm(slurm_cluster, tmp_path):
+    arguments = ["-c", ENERGY, "--algorithms", "Random", "--repetitions", "2", "--executor", "slurm",
+                 "--slurm", LOCAL_SLURM, "-l", str(tmp_path), "-g", "again",
+                 "--set", "hyperparameter_steps=1500", "--no-progress"]
+    # A submitter that goes away (killed) right after submitting.
+    submitter = subprocess.Popen([sys.executable, str(REPOSITORY / "parallel_exec.py"), *arguments],
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    marks = [tmp_path / "again" / "uci_energy" / "Random" / f"rep_{k}" / "slurm_job_id" for k in range(2)]
+    wait_for(lambda: all(mark.exists() for mark in marks), 120, "the job array to be submitted")
+    submitter.kill()
+    submitter.wait()
+    assert parallel_exec.main(arguments) == 0
+    summary = json.loads((tmp_path / "again" / "summary.json").read_text())
+    assert summary["launched"] == 0 and summary["counts"] == {"running": 2}
+    results = [mark.parent / "results.json" for mark in marks]
+    wait_for(lambda: all(path.exists() for path in results), 180, "the orphaned runs to finish")
+    assert parallel_exec.main(arguments) == 0
+    summary = json.loads((tmp_path / "again" / "summary.json").read_text())
+    assert summary["launched"] == 0 and summary["counts"] == {"finished": 2}
