@@ -165,3 +165,22 @@ def test_a_failing_algorithm_is_recorded_and_the_rest_go_on(tmp_path, uci_availa
         if line["algorithm"] == "Broken":
             assert "unknown hypergradient class 'NoSuchMethod'" in line["error"]
             assert "NoSuchMethod" in (Path(line["run_dir"]) / "error.txt").read_text()
+
+
+def test_campaign_yaml_gives_defaults_and_the_command_line_wins(tmp_path):
+    campaign = tmp_path / "campaign.yaml"
+    campaign.write_text(f"config: [{ENERGY}]\nalgorithms: [Random, Ours_LR]\nrepetitions: 3\n"
+                        "generator: {class: natural_sgd, lr: [-3, -2]}\nseed: 7\n"
+                        "set: {hyperparameter_steps: 4}\n")
+    arguments = parallel_exec.build_parser().parse_args(["--campaign", str(campaign), "--repetitions", "2",
+                                                         "-l", str(tmp_path)])
+    jobs = parallel_exec.plan(parallel_exec.resolve_options(arguments))
+    assert [(job["algorithm"], job["repetition"]) for job in jobs] == [
+        ("Random", 0), ("Random", 1), ("Ours_LR", 0), ("Ours_LR", 1)]
+    assert all(-3 <= job["overrides"]["network_weight.lr"] <= -2 for job in jobs)
+    assert all(job["overrides"]["hyperparameter_steps"] == 4 for job in jobs)
+    assert jobs[0]["overrides"] == jobs[2]["overrides"]  # every algorithm starts from the same point
+    assert jobs[0]["overrides"]["seed"] == 7
+    campaign.write_text("algoritms: [Random]\n")
+    with pytest.raises(UserError, match="unknown campaign key 'algoritms'.*did you mean 'algorithms'"):
+        parallel_exec.resolve_options(parallel_exec.build_parser().parse_args(["--campaign", str(campaign)]))
