@@ -303,6 +303,8 @@ def main(config, overrides=None, *, name=None, group=None, log_root="runs", devi
         results = run_training(cfg, run_dir, torch_device, dtype, progress, save, load)
     results["host"] = socket.gethostname()
     write_json(run_dir / RESULTS, results)
+    # The results are safe on disk; the checkpoint has done its job.
+    (run_dir / CHECKPOINT).unlink(missing_ok=True)
     return results
 
 
