@@ -16,17 +16,16 @@ requeues the same job; the restarted job calls ``train.main`` with the *same*
 ``run_dir``, and the engine resumes from ``run_dir/checkpoint.pt``.
 """
 import concurrent.futures
+import multiprocessing
 import os
 import shutil
 import subprocess
-import sys
 import threading
 import time
 import traceback
 from pathlib import Path
 
 import cloudpickle
-import multiprocessing
 import submitit
 import yaml
 
