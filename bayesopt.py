@@ -293,6 +293,10 @@ class Optimisation:
             if done is not None:
                 handles[executors.finished(done)] = index
                 continue
+            active = executors.active_slurm_job(job["run_dir"])
+            if active and hasattr(executor, "attach"):  # still on SLURM from the killed invocation
+                handles[executor.attach(active)] = index
+                continue
             [handle] = executor.map(executors.TrainingRun(), [job], label=self.algorithm)
             handles[handle] = index
         return handles

@@ -369,6 +369,11 @@ class SlurmExecutor:
                 write_atomically(Path(job["run_dir"]) / SLURM_JOB_FILE, f"{handle.job_id}\n")
         return handles
 
+    def attach(self, job_id):
+        """A handle on a job submitted earlier from this folder (by a submitter
+        that went away), to wait for it instead of submitting it twice."""
+        return submitit.SlurmJob(folder=self.folder / "%j", job_id=str(job_id))
+
     @staticmethod
     def result(handle):
         """A finished job's result; a job that died becomes a ``failed`` result."""

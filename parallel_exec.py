@@ -190,7 +190,8 @@ def print_summary(summary, stream=sys.stderr):
     running = f", {counts['running']} still running on SLURM" if counts.get("running") else ""
     print(f"{summary['total']} runs: {counts.get('finished', 0)} finished, "
           f"{counts.get('diverged', 0)} diverged, {counts.get('failed', 0)} failed{running} "
-          f"({summary['skipped']} already done, {summary['launched']} launched) "
+          f"({summary['skipped']} already done, {summary['launched']} launched, "
+          f"{summary['reattached']} already on SLURM) "
           f"in {summary['wall_time_s']:.1f} s; logs: {summary['group_dir']}", file=stream)
     for line in summary["runs"]:
         if line["status"] == executors.FAILED:
@@ -205,22 +206,28 @@ def run(options):
     group_dir = Path(options["log_root"]) / options["group"]
     if options["executor"] == "slurm":
         add_slurm_checkpointing(jobs, options)
-    records, pending = [], []
+    records, pending, attached = [], [], []
     for job in jobs:
         done = finished_result(job["run_dir"])
         active = executors.active_slurm_job(job["run_dir"]) if not done else None
         if done:
             records.append(record(job, done, skipped=True))
-        elif active:  # submitted by an earlier invocation and still on SLURM: not twice
+        elif active and options["executor"] == "slurm":  # an earlier submission still on SLURM:
+            attached.append((job, active))                # wait for it, never submit it twice
+        elif active:
             records.append(record(job, {"status": "running", "error": f"SLURM job {active}"}, skipped=True))
         else:
             pending.append(job)
-    bar = tqdm(total=len(jobs), initial=len(jobs) - len(pending), desc="runs", unit="run",
+    waiting = len(pending) + len(attached)
+    bar = tqdm(total=len(jobs), initial=len(jobs) - waiting, desc="runs", unit="run",
                disable=not options["progress"], file=sys.stderr)
-    if pending:
+    if waiting:
         executor = executors.make_executor(options["executor"], group_dir / "slurm_logs",
                                            options["slurm"], options["workers"])
         handles, owners = launch(executor, pending)
+        for job, job_id in attached:
+            handles.append(executor.attach(job_id))
+            owners.append(job)
         try:
             collect(executor, handles, owners, records, bar)
         except KeyboardInterrupt:
@@ -232,7 +239,8 @@ def run(options):
     counts = {}
     for line in records:
         counts[line["status"]] = counts.get(line["status"], 0) + 1
-    summary = {"total": len(jobs), "skipped": len(jobs) - len(pending), "launched": len(pending),
+    summary = {"total": len(jobs), "skipped": len(jobs) - waiting, "launched": len(pending),
+               "reattached": len(attached),
                "counts": counts, "wall_time_s": time.time() - started,
                "group_dir": str(group_dir.resolve()),
                "runs": sorted(records, key=lambda line: (line["algorithm"], line["repetition"]))}

@@ -176,7 +176,7 @@ def test_bayesopt_trials_run_on_slurm(slurm_cluster, tmp_path):
     wait_for(lambda: set(sacct_states(job_ids).values()) == {"COMPLETED"}, 60, "the trials' SLURM jobs")
 
 
-def test_rerun_does_not_resubmit_runs_still_on_slurm(slurm_cluster, tmp_path):
+def test_rerun_waits_for_runs_still_on_slurm_instead_of_resubmitting(slurm_cluster, tmp_path):
     arguments = ["-c", ENERGY, "--algorithms", "Random", "--repetitions", "2", "--executor", "slurm",
                  "--slurm", LOCAL_SLURM, "-l", str(tmp_path), "-g", "again",
                  "--set", "hyperparameter_steps=1500", "--no-progress"]
@@ -187,11 +187,12 @@ def test_rerun_does_not_resubmit_runs_still_on_slurm(slurm_cluster, tmp_path):
     wait_for(lambda: all(mark.exists() for mark in marks), 120, "the job array to be submitted")
     submitter.kill()
     submitter.wait()
+    # The same command again waits for those jobs instead of submitting them twice.
     assert parallel_exec.main(arguments) == 0
     summary = json.loads((tmp_path / "again" / "summary.json").read_text())
-    assert summary["launched"] == 0 and summary["counts"] == {"running": 2}
-    results = [mark.parent / "results.json" for mark in marks]
-    wait_for(lambda: all(path.exists() for path in results), 180, "the orphaned runs to finish")
-    assert parallel_exec.main(arguments) == 0
-    summary = json.loads((tmp_path / "again" / "summary.json").read_text())
-    assert summary["launched"] == 0 and summary["counts"] == {"finished": 2}
+    assert summary["launched"] == 0 and summary["reattached"] == 2
+    assert summary["counts"] == {"finished": 2}
+    job_ids = [mark.read_text().strip() for mark in marks]
+    output = subprocess.run(["sacct", "-n", "-X", "-D", "-P", "-o", "JobID", "-j", ",".join(job_ids)],
+                            capture_output=True, text=True, check=True).stdout
+    assert sorted(output.split()) == sorted(job_ids)  # each run ran once, as one job
