@@ -63,7 +63,7 @@ OBJECTIVE = "validation_loss"
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    parser = executors.CommandLine(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-c", "--config", nargs="+", required=True, help="config files, stacked in order")
     parser.add_argument("--trials", type=int, help="total trials (default 30)")

@@ -15,6 +15,7 @@ when a job is preempted or times out, submitit calls ``checkpoint()``, which
 requeues the same job; the restarted job calls ``train.main`` with the *same*
 ``run_dir``, and the engine resumes from ``run_dir/checkpoint.pt``.
 """
+import argparse
 import concurrent.futures
 import multiprocessing
 import os
@@ -56,6 +57,14 @@ SLURM_OPTIONS = {
     "checkpoint_every": (None, None),
     "poll_interval_s": (5.0, None),
 }
+
+
+class CommandLine(argparse.ArgumentParser):
+    """argparse whose usage errors are :class:`UserError` too: one line, exit 2
+    (the launchers' ``main`` is wrapped in ``exit_on_user_error``)."""
+
+    def error(self, message):
+        raise UserError(f"{self.prog}: {message} (see --help)")
 
 
 def one_line(error):

@@ -35,7 +35,7 @@ CAMPAIGN_KEYS = ("config", "algorithms", "repetitions", "generator", "seed", "wo
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    parser = executors.CommandLine(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-c", "--config", nargs="+", help="dataset/model config files, stacked in order")
     parser.add_argument("--algorithms", nargs="+", help="algorithm names: configs/<Name>.yaml")

@@ -19,7 +19,6 @@ them (with TensorBoard's own ``EventAccumulator``), and writes into RUNS_DIR:
 Diverged runs count as +inf: they move the median and the CDF, and are left
 out of the mean (reported separately in the ``diverged`` column).
 """
-import argparse
 import csv
 import io
 import json
@@ -327,7 +326,7 @@ def report(root, metric=None, plots=True):
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = executors.CommandLine(description=__doc__.split("\n\n")[0])
     parser.add_argument("runs_dir", help="directory holding run directories (searched recursively)")
     parser.add_argument("--metric", help="final metric to compare (default: Unnormalised_Loss/Test, "
                                          "else Loss/Test)")
