@@ -68,6 +68,8 @@ def test_generator_options_from_yaml_spec():
      "directory '/no/such' not found"),
     (["--algorithms", "Random", "--repetitions", "2", "--set", "hyperparameter_step=3"],
      "unknown key 'hyperparameter_step'"),
+    (["--algorithms", "Random", "--repetitions", "two"], "argument --repetitions: invalid int value: 'two'"),
+    (["--algorithms", "Random", "--repetitions", "2", "--executor", "cluster"], "invalid choice: 'cluster'"),
 ])
 def test_bad_input_is_one_line_and_exit_2(arguments, message, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_status:
