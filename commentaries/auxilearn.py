@@ -41,7 +41,7 @@ from tqdm import tqdm  # noqa: E402
 import linear_solvers  # noqa: E402
 from commentaries import TEACHERS  # noqa: E402
 from commentaries.common import check_bool, check_choice, check_float, check_int, save_figure  # noqa: E402
-from commentaries.gtn import load_splits  # noqa: E402
+from commentaries.gtn import load_splits, save_teacher  # noqa: E402
 from errors import UserError  # noqa: E402
 
 # name -> classes of its own head; noisy_labels reuses the main head (random labels)
@@ -368,6 +368,9 @@ def finish(model, weighting, tasks, splits, history, context, step, lr, momentum
     if history:
         weights = dict(zip(tasks, history[-1][1]))
         plot_weights(history, tasks, context, step)
+        save_teacher(context.run_dir / "teacher.pt", "AuxiLearn", weighting.state_dict(),
+                     {"auxiliary_tasks": tasks, "combiner": type(weighting).__name__,
+                      "seed": context.seed, "steps": step})
     context.writer.flush()
     return {"status": "finished", "final": final, "objective": final["Loss/Validation"],
             "network_weight_steps_done": step, "auxiliary_weights": weights,

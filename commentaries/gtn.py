@@ -22,10 +22,19 @@ TensorBoard. ``input: real`` is the baseline without a generator: the learner
 takes K steps on random real training batches (only its learning rate is
 learned).
 
-Data (``data: {class: Digits}``) is scikit-learn's embedded 8×8 digits,
-so everything runs offline and on a CPU in seconds.
+``truncation: T`` is the memory-bounded mode: only the last T inner steps
+(and their generated images) keep a graph, so memory grows with T, not K
+(:func:`peak_saved_bytes` measures it).
+
+Data comes from :mod:`commentaries.data` (default ``{class: Digits}``:
+scikit-learn's embedded 8×8 digits, offline, CPU-sized); learners are
+:mod:`commentaries.common` students (``learner: {class: MLP}``), and
+``transfer_learners`` trains other architectures on the final generated
+batches to see whether the teaching transfers.
 """
+import io
 import math
+import os
 
 import matplotlib
 
@@ -38,8 +47,8 @@ from torch.func import functional_call  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from commentaries import TEACHERS  # noqa: E402
-from commentaries.common import (build_student, check_bool, check_choice, check_float,  # noqa: E402
-                                 check_int, check_list, save_figure)
+from commentaries.common import (atomic_write_bytes, build_student, check_bool, check_choice,  # noqa: E402
+                                 check_float, check_int, check_list, save_figure)
 from commentaries.data import build_data  # noqa: E402
 from errors import UserError  # noqa: E402
 
@@ -249,6 +258,45 @@ def evaluate(teacher, learner, train, splits, learners, momentum, seed, order=No
     return metrics, curve.tolist()
 
 
+# ----------------------------------------------------------------------------- teacher files
+
+TEACHER_FORMAT = "hypergrad-teacher"
+
+
+def save_teacher(path, kind, tensors, metadata):
+    """Write a learned teacher (GTN generator and inputs, AuxiLearn auxiliary network)
+    as one file, atomically: its tensors plus plain metadata (dataset, options,
+    seed) so it can be inspected or reused; read back with :func:`load_teacher`."""
+    payload = {"format": TEACHER_FORMAT, "kind": kind, "metadata": metadata,
+               "tensors": {name: tensor.detach().cpu().clone() for name, tensor in tensors.items()}}
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    atomic_write_bytes(path, buffer.getvalue())
+    return path
+
+
+def load_teacher(path, kind=None):
+    """A teacher file's payload, loaded with ``weights_only`` (tensors bit for bit,
+    no arbitrary unpickling); a :class:`UserError` if it is not one."""
+    if not os.path.isfile(path):
+        raise UserError(f"teacher file not found: {path}")
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(payload, dict) or payload.get("format") != TEACHER_FORMAT \
+            or (kind is not None and payload.get("kind") != kind):
+        raise UserError(f"{path} is not a {kind or ''} teacher file")
+    return payload
+
+
+def teacher_tensors(teacher):
+    """The GTN teacher's learned state as named tensors."""
+    tensors = {"log_lr": teacher.log_lr, "labels": teacher.labels}
+    if teacher.generator is not None:
+        tensors.update({f"generator.{name}": value for name, value in teacher.generator.state_dict().items()})
+    if teacher.inputs is not None:
+        tensors["inputs"] = teacher.inputs
+    return tensors
+
+
 # ----------------------------------------------------------------------------- plots
 
 def plot_samples(teacher, context, step, max_rows=12):
@@ -394,6 +442,10 @@ def generative_teaching_network(*, context, data=None, input="learned", outer_st
     for tag, value in final.items():
         writer.add_scalar(f"Final/{tag}", value, outer_steps)
     writer.flush()
+    save_teacher(context.run_dir / "teacher.pt", "GTN", teacher_tensors(teacher),
+                 {"dataset": data.spec, "seed": context.seed, "input": input, "outer_steps": outer_steps,
+                  "inner_steps": inner_steps, "noise_size": noise_size,
+                  "generator_hidden": generator_hidden, "learner": learner_spec})
     return {"status": "finished", "dataset": data.name, "final": final,
             "objective": final["Loss/Validation"], "teacher_steps_done": outer_steps,
             "hyperparameters": {"lr": float(teacher.lr().detach()), "momentum": inner_momentum}}

@@ -174,6 +174,12 @@ def test_learned_weighting_beats_its_equal_weighting_initialisation(tmp_path):
     assert noisy[0].value > noisy[-1].value == pytest.approx(weights["noisy_labels"], rel=1e-5)
     assert events.Scalars("Final/Loss/Validation")[-1].value == pytest.approx(learned["objective"], rel=1e-6)
     assert "Commentary/auxiliary_weights" in events.Tags()["images"]
+    from commentaries.gtn import load_teacher
+    saved = load_teacher(run_dir / "teacher.pt", kind="AuxiLearn")
+    combiner = auxilearn.LinearCombiner(3)
+    combiner.load_state_dict(saved["tensors"])
+    assert combiner.weights().tolist() == pytest.approx([weights[t] for t in saved["metadata"]["auxiliary_tasks"]],
+                                                        rel=1e-6)
 
 
 def test_nonlinear_combiner_and_main_task_only_baseline(tmp_path):

@@ -95,6 +95,8 @@ def test_learned_curriculum_lowers_outer_objective_and_logs(tmp_path):
     assert final["Accuracy/Shuffle_Drop"] == pytest.approx(
         final["Accuracy/Test"] - final["Accuracy/Test_Shuffled_Order"])
     assert trained["objective"] == final["Loss/Validation"]
+    saved = gtn.load_teacher(tmp_path / "trained" / "teacher.pt", kind="GTN")
+    assert saved["metadata"]["input"] == "learned" and saved["tensors"]["inputs"].shape == (4, 20, 16)
     for png in ("generated_samples.png", "inner_step_accuracy.png"):
         assert (tmp_path / "trained" / png).stat().st_size > 1000
     events = EventAccumulator(str(tmp_path / "trained"), size_guidance={"scalars": 0, "images": 0})
@@ -178,3 +180,20 @@ def test_truncated_unroll_memory_is_bounded_by_the_window_not_the_unroll_length(
     window_short, window_long = gtn.peak_saved_bytes(8, truncation=4), gtn.peak_saved_bytes(32, truncation=4)
     assert full_long > 3 * full_short  # the full unroll keeps every step's graph
     assert window_long == window_short < full_short  # the window keeps T steps', whatever K
+
+
+def test_saved_teacher_reloads_bit_for_bit_and_generates_the_same_images(tmp_path):
+    rng = torch.Generator().manual_seed(0)
+    teacher = gtn.Teacher("learned", 4, 10, (1, 8, 8), 16, 3, 10, 0.1, True, rng, torch.device("cpu"))
+    path = gtn.save_teacher(tmp_path / "teacher.pt", "GTN", gtn.teacher_tensors(teacher), {"seed": 0})
+    payload = gtn.load_teacher(path, kind="GTN")
+    for name, tensor in gtn.teacher_tensors(teacher).items():
+        assert torch.equal(payload["tensors"][name], tensor.detach())
+    generator = gtn.Generator(4, 10, (1, 8, 8), 16)
+    generator.load_state_dict({name.removeprefix("generator."): value
+                               for name, value in payload["tensors"].items() if name.startswith("generator.")})
+    with torch.no_grad():
+        assert torch.equal(gtn.generate(generator, payload["tensors"]["inputs"], payload["tensors"]["labels"]),
+                           gtn.generate(teacher.generator, teacher.inputs, teacher.labels))
+    with pytest.raises(UserError):
+        gtn.load_teacher(path, kind="AuxiLearn")
