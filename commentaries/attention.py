@@ -21,7 +21,7 @@ from torch.func import functional_call
 from commentaries import TEACHERS
 from commentaries import storage
 from commentaries.common import (build_student, check_choice, check_float, check_int, check_list, fresh_weights,
-                                 implicit_hypergradient, log_scalars, mean_metrics, progress_bar, save_figure,
+                                 implicit_hypergradient, log_scalars, RunningMean, mean_metrics, progress_bar, save_figure,
                                  set_grads, train_student)
 from commentaries.data import build_data
 
@@ -105,7 +105,7 @@ def learn_teacher(teacher, data, student_spec, *, steps, lr, teacher_lr, batch_s
     names, hyper = list(params), tuple(params.values())
     inner = torch.optim.Adam(weights.values(), lr=lr)
     outer = torch.optim.Adam(hyper, lr=teacher_lr)
-    running = torch.zeros((), device=device)
+    running = RunningMean(device)
     with progress_bar(steps, context, "attention teacher (Algorithm 2)") as bar:
         for step in range(steps):
             indices = torch.randint(0, len(data.train_x), (batch_size,), generator=generator).to(device)
@@ -123,13 +123,12 @@ def learn_teacher(teacher, data, student_spec, *, steps, lr, teacher_lr, batch_s
                                                         neumann_steps, neumann_lr)
                 set_grads(hyper, hypergrad)
                 outer.step()
-                running += val
+                running.add(val)
             bar.update()
             if (step + 1) % log_interval == 0 or step + 1 == steps:
-                count = max(1, min(log_interval, step + 1) // hyper_every)
-                log_scalars(context.writer, {"Loss/Validation": running / count, "Loss/Training": loss.detach()},
-                            step + 1)
-                running.zero_()
+                values = {"Loss/Training": loss.detach()}
+                values.update({"Loss/Validation": mean for mean in running.pop().values()})
+                log_scalars(context.writer, values, step + 1)
     return teacher
 
 
@@ -173,15 +172,16 @@ def plot_masks(teacher, params, data, sigma, context, step, count=8):
 
     x = data.val_x[:count]
     centres = mask_centres(teacher, params, x)
-    masks = gaussian_masks(centres, *x.shape[-2:], sigma)
+    masks = gaussian_masks(centres, *x.shape[-2:], sigma).cpu().numpy()
+    centres = centres.cpu().numpy()
+    images = x.permute(0, 2, 3, 1).clamp(0, 1).cpu().numpy()
     figure, axes = plt.subplots(3, count, figsize=(1.4 * count, 4.6))
     for i in range(count):
-        image = x[i].permute(1, 2, 0).cpu().clamp(0, 1)
-        axes[0, i].imshow(image)
+        axes[0, i].imshow(images[i])
         axes[0, i].set_title(f"label {int(data.val_y[i])}", fontsize=8)
-        axes[1, i].imshow(masks[i, 0].cpu(), cmap="gray", vmin=0, vmax=1)
-        axes[1, i].plot(centres[i, 1].cpu(), centres[i, 0].cpu(), "r+", markersize=8)
-        axes[2, i].imshow((x[i] * masks[i]).permute(1, 2, 0).cpu().clamp(0, 1))
+        axes[1, i].imshow(masks[i, 0], cmap="gray", vmin=0, vmax=1)
+        axes[1, i].plot(centres[i, 1], centres[i, 0], "r+", markersize=8)
+        axes[2, i].imshow(images[i] * masks[i, 0][:, :, None])
         for row in range(3):
             axes[row, i].set_xticks([])
             axes[row, i].set_yticks([])

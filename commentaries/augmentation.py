@@ -23,7 +23,7 @@ from torch.func import functional_call
 from commentaries import TEACHERS
 from commentaries import storage
 from commentaries.common import (build_student, check_choice, check_float, check_int, check_list, fresh_weights,
-                                 implicit_hypergradient, log_scalars, mean_metrics, progress_bar, save_figure,
+                                 implicit_hypergradient, log_scalars, RunningMean, mean_metrics, progress_bar, save_figure,
                                  set_grads, soft_cross_entropy, train_student, unrolled_hypergradient, _sgd_steps)
 from commentaries.data import build_data
 
@@ -110,7 +110,7 @@ def learn_implicit(grid, data, student_spec, *, steps, lr, batch_size, grid_lr, 
     inner = torch.optim.Adam(weights.values(), lr=lr)
     outer = torch.optim.Adam([grid], lr=grid_lr)
     call = lambda w: lambda inputs: functional_call(student, w, (inputs,))  # noqa: E731
-    running = torch.zeros((), device=device)
+    running = RunningMean(device)
     with progress_bar(steps, context, "augmentation (Algorithm 2)") as bar:
         for step in range(steps):
             indices = torch.randint(0, len(data.train_x), (batch_size,), generator=generator).to(device)
@@ -127,13 +127,12 @@ def learn_implicit(grid, data, student_spec, *, steps, lr, batch_size, grid_lr, 
                                                            neumann_steps, neumann_lr)
                 set_grads([grid], [hypergrad])
                 outer.step()
-                running += val
+                running.add(val)
             bar.update()
             if (step + 1) % log_interval == 0 or step + 1 == steps:
-                count = max(1, min(log_interval, step + 1) // hyper_every)
-                log_scalars(context.writer, {"Loss/Validation": running / count, "Loss/Training": loss.detach()},
-                            step + 1)
-                running.zero_()
+                values = {"Loss/Training": loss.detach()}
+                values.update({"Loss/Validation": mean for mean in running.pop().values()})
+                log_scalars(context.writer, values, step + 1)
     return grid
 
 
@@ -145,7 +144,7 @@ def learn_unrolled(grid, data, student_spec, *, teacher_steps, inner_steps, inne
     device, n = data.train_x.device, data.num_classes
     student = build_student(student_spec, "teaching.student", **data.shape()).to(device)
     outer = torch.optim.Adam([grid], lr=grid_lr)
-    running = torch.zeros((), device=device)
+    running = RunningMean(device)
     with progress_bar(teacher_steps, context, "augmentation (Algorithm 1)") as bar:
         for step in range(teacher_steps):
             fresh = build_student(student_spec, "teaching.student", **data.shape()).to(device)
@@ -154,11 +153,10 @@ def learn_unrolled(grid, data, student_spec, *, teacher_steps, inner_steps, inne
                                                           (grid,), inner_steps, inner_lr, chunk_size)
             set_grads([grid], [hypergrad])
             outer.step()
-            running += val
+            running.add(val)
             bar.update()
             if (step + 1) % log_interval == 0 or step + 1 == teacher_steps:
-                log_scalars(context.writer, {"Loss/Validation": running / min(log_interval, step + 1)}, step + 1)
-                running.zero_()
+                log_scalars(context.writer, {"Loss/Validation": running.pop()["mean"]}, step + 1)
     return grid
 
 

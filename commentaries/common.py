@@ -344,6 +344,28 @@ def save_figure(figure, context, name, step=0):
     return path
 
 
+class RunningMean:
+    """Losses summed on the device and counted, averaged only when logged:
+    no per-step host synchronisation."""
+
+    def __init__(self, device):
+        self.total = torch.zeros((), device=device)
+        self.count = 0
+
+    def add(self, value):
+        self.total += value.detach()
+        self.count += 1
+
+    def pop(self):
+        """``{}`` if nothing was added since the last call, else ``{'mean': tensor}``."""
+        if not self.count:
+            return {}
+        mean = self.total / self.count
+        self.total = torch.zeros_like(self.total)
+        self.count = 0
+        return {"mean": mean}
+
+
 def log_scalars(writer, values, step, prefix=""):
     """Log a dict of scalars (tensors allowed: one host sync per call)."""
     if writer is None:

@@ -20,7 +20,7 @@ from torch.func import functional_call
 from commentaries import TEACHERS
 from commentaries import storage
 from commentaries.common import (build_student, check_bool, check_choice, check_float, check_int, check_list,
-                                 cnn, fresh_weights, log_scalars, mean_metrics, progress_bar, save_figure,
+                                 cnn, fresh_weights, log_scalars, RunningMean, mean_metrics, progress_bar, save_figure,
                                  set_grads, train_student, unrolled_hypergradient, _sgd_steps)
 from commentaries.data import build_data
 
@@ -114,9 +114,9 @@ def plot_weights(teacher, teacher_params, data, curriculum, context, step):
     import matplotlib.pyplot as plt
     from scipy.stats import spearmanr
 
-    angles = data.extras["train_angle"].cpu()
-    labels = data.train_y.cpu()
-    final = example_weights(teacher, teacher_params, data.train_x, 1.0, curriculum).cpu()
+    angles = data.extras["train_angle"].cpu().numpy()
+    labels = data.train_y.cpu().numpy()
+    final = example_weights(teacher, teacher_params, data.train_x, 1.0, curriculum).cpu().numpy()
     figure, axis = plt.subplots(figsize=(5, 3.5))
     for label, colour in ((0, "tab:blue"), (1, "tab:orange")):
         chosen = labels == label
@@ -126,9 +126,9 @@ def plot_weights(teacher, teacher_params, data, curriculum, context, step):
     axis.legend()
     save_figure(figure, context, "weight_vs_rotation", step)
 
-    progress = torch.linspace(0, 1, 21)
-    correlations = [float(spearmanr(example_weights(teacher, teacher_params, data.train_x, float(p), curriculum).cpu(),
-                                    angles.abs()).statistic) for p in progress]
+    progress = torch.linspace(0, 1, 21).numpy()
+    correlations = [float(spearmanr(example_weights(teacher, teacher_params, data.train_x, float(p), curriculum)
+                                    .cpu().numpy(), abs(angles)).statistic) for p in progress]
     figure, axis = plt.subplots(figsize=(5, 3.5))
     axis.plot(progress, correlations, marker="o")
     axis.axhline(0, color="grey", lw=0.8)
@@ -228,7 +228,7 @@ def example_weighting(*, context, data=None, commentary="learned", curriculum=Tr
         seeds = range(objective_seeds)
         initial = problem.objective(params.values(), seeds, device)
         optimiser = torch.optim.Adam(params.values(), lr=teacher_lr)
-        running = torch.zeros((), device=device)
+        running = RunningMean(device)
         with progress_bar(teacher_steps, context, "teacher (Algorithm 1)") as bar:
             for step in range(teacher_steps):
                 weights = fresh_weights(make_student(), device)
@@ -236,12 +236,10 @@ def example_weighting(*, context, data=None, commentary="learned", curriculum=Tr
                                                        chunk_size, truncation)
                 set_grads(params.values(), grads)
                 optimiser.step()
-                running += loss
+                running.add(loss)
                 bar.update()
                 if (step + 1) % log_interval == 0 or step + 1 == teacher_steps:
-                    log_scalars(context.writer, {"Loss/Validation": running / min(log_interval, step + 1)},
-                                step + 1)
-                    running.zero_()
+                    log_scalars(context.writer, {"Loss/Validation": running.pop()["mean"]}, step + 1)
         learned = problem.objective(params.values(), seeds, device)
         results["teaching"] = {"objective_initial": initial, "objective_learned": learned}
         log_scalars(context.writer, {"Commentary/Objective_Initial": initial,
