@@ -131,7 +131,12 @@ start_munge() {
 mysql_root() { mariadb --socket="$MYSQL_SOCKET" -uroot "$@"; }
 
 start_mariadb() {
-  if ! pid_alive "$STATE/mysql/mariadb.pid"; then
+  # A MariaDB that the package's init script already started (no policy-rc.d
+  # on this machine) owns the datadir: use it rather than start a second one.
+  if ! pid_alive "$STATE/mysql/mariadb.pid" && [ -S /run/mysqld/mysqld.sock ] \
+      && mariadb --socket=/run/mysqld/mysqld.sock -uroot -e 'select 1' >/dev/null 2>&1; then
+    MYSQL_SOCKET=/run/mysqld/mysqld.sock
+  elif ! pid_alive "$STATE/mysql/mariadb.pid"; then
     # The Debian package's datadir /var/lib/mysql is initialised at install time;
     # root logs in through the unix socket, which is what slurmdbd (as root) uses.
     [ -d /var/lib/mysql/mysql ] || mariadb-install-db --user=mysql --datadir=/var/lib/mysql >/dev/null
@@ -148,7 +153,9 @@ start_mariadb() {
 start_slurmdbd() {
   if ! pid_alive "$STATE/run/slurmdbd.pid"; then
     # slurmdbd reaches MariaDB on StorageHost=localhost through the default socket path.
-    mkdir -p /run/mysqld && ln -sf "$MYSQL_SOCKET" /run/mysqld/mysqld.sock
+    if [ "$MYSQL_SOCKET" != /run/mysqld/mysqld.sock ]; then
+      mkdir -p /run/mysqld && ln -sfn "$MYSQL_SOCKET" /run/mysqld/mysqld.sock
+    fi
     /usr/sbin/slurmdbd
     wait_for 30 slurmdbd sacctmgr -n list cluster
   fi
