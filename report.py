@@ -85,7 +85,10 @@ def find_campaigns(root):
 
 def choose_metric(requested, records):
     """The requested metric, or the first default that the runs report."""
+    available = sorted({key for record in records for key in (record.get("final") or {})})
     if requested:
+        if requested not in available:
+            raise UserError(f"--metric {requested}: no run reports it; available: {', '.join(available)}")
         return requested
     for metric in DEFAULT_METRICS:
         if any(metric in (record.get("final") or {}) for record in records):

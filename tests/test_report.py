@@ -104,6 +104,12 @@ def test_tensorboard_scalars_and_median_curves(runs):
     assert median.tolist() == [2.0, 5.0, 7.0]  # the first run holds 3.0 after its last step
 
 
+def test_unknown_metric_lists_the_available_ones(runs):
+    with pytest.raises(report.UserError, match="--metric Accuracy/Test: no run reports it; "
+                                               "available: Loss/Test, Unnormalised_Loss/Test"):
+        report.report(runs, metric="Accuracy/Test")
+
+
 def test_bad_directory_is_one_line_exit_2(tmp_path):
     for target in (tmp_path / "missing", tmp_path):
         answer = subprocess.run([sys.executable, str(REPOSITORY / "report.py"), str(target)],
