@@ -156,12 +156,14 @@ class MetaOptimizer:
         self.neumann_steps = neumann_steps
         self.max_grad_norm = max_grad_norm
         self.solver = solver
+        self.last_norm = None  # norm of the latest hypergradient, a tensor (no host sync)
 
     def step(self, *, val_loss, train_loss, aux_params, parameters):
         """One update of ``aux_params``; returns the (unclipped) hypergradients."""
         aux_params = list(aux_params)
         grads = implicit_hypergradient(val_loss, train_loss, aux_params, parameters,
                                        self.hypergradient_lr, self.neumann_steps, self.solver)
+        self.last_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
         self.meta_optimizer.zero_grad()
         for parameter, grad in zip(aux_params, grads):
             parameter.grad = grad.detach().clone()
@@ -322,6 +324,8 @@ def auxilearn(*, context, data=None, auxiliary_tasks=("parity", "rotation", "noi
                 break
             log_progress(writer, model, weighting, tasks, splits, main, auxiliary, mean_loss,
                          step, history)
+            if meta is not None and meta.last_norm is not None:
+                writer.add_scalar("Hypergradient/Norm", float(meta.last_norm), step)
 
     if status == "diverged":
         return {"status": "diverged", "dataset": data.name, "final": {}, "objective": DIVERGED_OBJECTIVE,

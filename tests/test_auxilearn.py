@@ -123,6 +123,7 @@ def test_meta_optimizer_steps_against_the_hypergradient_and_clips():
                         aux_params=problem.combiner.parameters(), parameters=[w])
     step = problem.combiner.raw.detach() - before
     torch.testing.assert_close(step, -0.5 * 1e-3 * grad / grad.norm())  # clipped to norm 1e-3
+    assert meta.last_norm.item() == pytest.approx(grad.norm().item())
 
 
 def test_effective_weights_of_linear_combiner_are_its_weights():
@@ -174,6 +175,7 @@ def test_learned_weighting_beats_its_equal_weighting_initialisation(tmp_path):
     assert noisy[0].value > noisy[-1].value == pytest.approx(weights["noisy_labels"], rel=1e-5)
     assert events.Scalars("Final/Loss/Validation")[-1].value == pytest.approx(learned["objective"], rel=1e-6)
     assert "Commentary/auxiliary_weights" in events.Tags()["images"]
+    assert len(events.Scalars("Hypergradient/Norm")) == 4
     from commentaries.gtn import load_teacher
     saved = load_teacher(run_dir / "teacher.pt", kind="AuxiLearn")
     combiner = auxilearn.LinearCombiner(3)
