@@ -197,3 +197,9 @@ def test_saved_teacher_reloads_bit_for_bit_and_generates_the_same_images(tmp_pat
                            gtn.generate(teacher.generator, teacher.inputs, teacher.labels))
     with pytest.raises(UserError):
         gtn.load_teacher(path, kind="AuxiLearn")
+
+
+def test_memory_bounded_mode_trains(tmp_path):
+    results = gtn.generative_teaching_network(context=make_context(tmp_path), outer_steps=3, truncation=2,
+                                              **{**SMALL, "log_interval": 3})
+    assert results["status"] == "finished" and results["hyperparameters"]["lr"] != SMALL["inner_lr"]
