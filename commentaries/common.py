@@ -193,9 +193,10 @@ def unrolled_hypergradient(inner_loss, outer_loss, weights, hyper, num_steps, lr
     Returns ``(outer loss (detached), final weights (detached), hypergradient tuple)``.
     """
     hyper = tuple(hyper)
+    constant = tuple(h.detach() for h in hyper)  # steps run without a graph need none to the teacher either
     weights = detached(weights)
     if truncation and truncation < num_steps:
-        weights = _sgd_steps(inner_loss, weights, hyper, range(num_steps - truncation), lr, False)
+        weights = _sgd_steps(inner_loss, weights, constant, range(num_steps - truncation), lr, False)
         first = num_steps - truncation
     else:
         first = 0
@@ -207,7 +208,7 @@ def unrolled_hypergradient(inner_loss, outer_loss, weights, hyper, num_steps, lr
     boundaries = []
     for start in range(first, num_steps, chunk_size):
         boundaries.append((start, weights))
-        weights = _sgd_steps(inner_loss, weights, hyper, range(start, min(start + chunk_size, num_steps)),
+        weights = _sgd_steps(inner_loss, weights, constant, range(start, min(start + chunk_size, num_steps)),
                              lr, False)
     names = list(weights)
     loss = outer_loss(weights, hyper)
