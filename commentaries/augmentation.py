@@ -284,7 +284,11 @@ def augmentation(*, context, data=None, policy="learned", method="implicit", com
                 raise ValueError(f"commentary {commentary} is a {payload['kind']} commentary, not {KIND}")
             proportions = payload["tensors"]["proportions"].to(device)
         else:
-            proportions = learn_grid(dataset, student_spec, method, locals(), generator, context, results)
+            options = {"steps": steps, "lr": lr, "batch_size": batch_size, "grid_lr": grid_lr,
+                       "hyper_every": hyper_every, "neumann_steps": neumann_steps, "neumann_lr": neumann_lr,
+                       "teacher_steps": teacher_steps, "inner_steps": inner_steps, "inner_lr": inner_lr,
+                       "chunk_size": chunk_size, "objective_seeds": objective_seeds, "log_interval": log_interval}
+            proportions = learn_grid(dataset, student_spec, method, options, generator, context, results)
         if policy == "shuffled":
             proportions = shuffle_grid(proportions, generator)
     elif policy == "random":

@@ -53,8 +53,10 @@ def weighted_loss(logits, labels, weights):
 class Problem:
     """One bilevel problem instance: data, teacher, student architecture, inner loop."""
 
-    def __init__(self, data, teacher, student_module, *, curriculum, inner_steps, inner_lr, batch_size):
+    def __init__(self, data, teacher, student_module, *, curriculum, inner_steps, inner_lr, batch_size,
+                 student_factory=None):
         self.data, self.teacher, self.student = data, teacher, student_module
+        self.student_factory = student_factory  # fresh students for :meth:`objective`
         self.curriculum, self.inner_steps, self.inner_lr = curriculum, inner_steps, inner_lr
         self.batch_size = batch_size
         self.teacher_names = [name for name, _ in teacher.named_parameters()]
@@ -223,8 +225,7 @@ def example_weighting(*, context, data=None, commentary="learned", curriculum=Tr
         student_spec = student or {"class": "MLP", "hidden": [32]}
         make_student = lambda: build_student(student_spec, "teaching.student", **dataset.shape())  # noqa: E731
         problem = Problem(dataset, teacher, make_student(), curriculum=curriculum, inner_steps=inner_steps,
-                          inner_lr=inner_lr, batch_size=batch_size)
-        problem.student_factory = make_student
+                          inner_lr=inner_lr, batch_size=batch_size, student_factory=make_student)
         seeds = range(objective_seeds)
         initial = problem.objective(params.values(), seeds, device)
         optimiser = torch.optim.Adam(params.values(), lr=teacher_lr)
