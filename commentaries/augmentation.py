@@ -195,6 +195,22 @@ def unrolled_objective(grid, data, student_spec, *, inner_steps, inner_lr, batch
     return sum(losses) / len(losses)
 
 
+def policy_objective(proportions, data, student_spec, seeds, context, *, steps, lr, batch_size):
+    """Validation loss of fresh students trained with the frozen grid as
+    Algorithm 2 trains its student (Adam, ``steps`` steps) from fixed seeds:
+    the objective the jointly learned grid is meant to lower."""
+    quiet = type("Quiet", (), {"writer": None, "progress": False, "device": context.device})()
+    options = {"steps": steps, "lr": lr, "batch_size": batch_size, "optimiser": "Adam", "log_interval": steps}
+    losses = []
+    for seed in seeds:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(10_000 + seed)
+            metrics = evaluate_policy(Policy("learned", proportions), data, [student_spec], options, quiet,
+                                      torch.Generator().manual_seed(20_000 + seed))
+        losses.append(metrics["Loss/Validation"])
+    return sum(losses) / len(losses)
+
+
 # ----------------------------------------------------------------------------
 # Plot and reuse
 
@@ -314,9 +330,16 @@ def learn_grid(dataset, student_spec, method, options, generator, context, resul
     objective it lowers before and after, and how it was learned."""
     n, device = dataset.num_classes, context.device
     grid = torch.zeros(n, n, device=device, requires_grad=True)
-    objective = dict(inner_steps=options["inner_steps"], inner_lr=options["inner_lr"],
-                     batch_size=options["batch_size"], seeds=range(options["objective_seeds"]))
-    initial = unrolled_objective(grid, dataset, student_spec, **objective)
+    seeds = range(options["objective_seeds"])
+    if method == "implicit":
+        def objective():
+            return policy_objective(proportions_from_grid(grid.detach()), dataset, student_spec, seeds, context,
+                                    steps=options["steps"], lr=options["lr"], batch_size=options["batch_size"])
+    else:
+        def objective():
+            return unrolled_objective(grid, dataset, student_spec, inner_steps=options["inner_steps"],
+                                      inner_lr=options["inner_lr"], batch_size=options["batch_size"], seeds=seeds)
+    initial = objective()
     if method == "implicit":
         learn_implicit(grid, dataset, student_spec, steps=options["steps"], lr=options["lr"],
                        batch_size=options["batch_size"], grid_lr=options["grid_lr"],
@@ -333,7 +356,7 @@ def learn_grid(dataset, student_spec, method, options, generator, context, resul
                        log_interval=options["log_interval"])
         results["learned_by"] = {"algorithm": "unrolled (Algorithm 1)", "teacher_steps": options["teacher_steps"],
                                  "inner_steps": options["inner_steps"], "seed": context.seed}
-    learned = unrolled_objective(grid, dataset, student_spec, **objective)
+    learned = objective()
     results["teaching"] = {"objective_initial": initial, "objective_learned": learned}
     log_scalars(context.writer, {"Commentary/Objective_Initial": initial, "Commentary/Objective_Learned": learned},
                 options["steps"])

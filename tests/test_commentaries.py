@@ -79,6 +79,11 @@ def test_bad_data_options_are_user_errors():
         build_data({"class": "Digits", "source": "imagenet"})
 
 
+def test_mnist_source_without_files_is_a_user_error(tmp_path):
+    with pytest.raises(UserError, match="no MNIST files"):
+        build_data({"class": "RotatedDigits", "source": "mnist", "data_root": str(tmp_path)})
+
+
 # ----------------------------------------------------------------------------
 # Algorithm 1: unrolled hypergradients
 
@@ -328,7 +333,7 @@ def test_augmentation_implicit_lowers_its_objective(tmp_path):
          "evaluation_students": [{"class": "MLP", "hidden": [16]}], "evaluation_steps": 20},
         make_context(tmp_path))
     teaching = results["teaching"]
-    assert teaching["objective_learned"] < teaching["objective_initial"] - 0.02, teaching
+    assert teaching["objective_learned"] < teaching["objective_initial"] - 0.1, teaching
     payload = storage.load_commentary(tmp_path / "commentary.pt")
     lam = payload["tensors"]["proportions"]
     assert lam.shape == (10, 10) and float(lam.min()) >= 0.5 and float(lam.max()) <= 1.0
