@@ -164,15 +164,16 @@ def mask_objective(masker, data, student_spec, options, seeds, context):
 
 
 @torch.no_grad()
-def plot_masks(teacher, params, data, sigma, context, step, count=8):
-    """Validation images, their masks and the masked images the student sees."""
+def plot_masks(masker, data, context, step, count=8):
+    """Validation images, their masks (as the policy gives them: learned,
+    random or permuted) and the masked images the student sees."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     x = data.val_x[:count]
-    centres = mask_centres(teacher, params, x)
-    masks = gaussian_masks(centres, *x.shape[-2:], sigma).cpu().numpy()
+    centres = masker.centres(x)
+    masks = gaussian_masks(centres, *x.shape[-2:], masker.sigma).cpu().numpy()
     centres = centres.cpu().numpy()
     images = x.permute(0, 2, 3, 1).clamp(0, 1).cpu().numpy()
     figure, axes = plt.subplots(3, count, figsize=(1.4 * count, 4.6))
@@ -187,7 +188,7 @@ def plot_masks(teacher, params, data, sigma, context, step, count=8):
             axes[row, i].set_yticks([])
     for row, label in enumerate(("image", "mask", "masked")):
         axes[row, 0].set_ylabel(label)
-    figure.suptitle("learned attention masks (label = red digit)")
+    figure.suptitle(f"{masker.kind} attention masks (label = red digit)")
     save_figure(figure, context, "attention_masks", step)
 
 
@@ -279,8 +280,9 @@ def attention_masks(*, context, data=None, masks="learned", commentary=None, sig
                 config={"teacher_lr": teacher_lr, "lr": lr, "batch_size": batch_size, "student": student_spec},
                 teacher={"width": teacher_width, "sigma": sigma})
             results["commentary_file"] = str(path)
-        plot_masks(teacher, params, dataset, sigma, context, steps)
-    final = evaluate_masks(Masker(masks, teacher, params, sigma), dataset, evaluation_students, evaluation, context,
-                           generator)
+    masker = Masker(masks, teacher, params, sigma)
+    if masks != "none":
+        plot_masks(masker, dataset, context, steps)
+    final = evaluate_masks(masker, dataset, evaluation_students, evaluation, context, generator)
     results.update(final=final, objective=final["Loss/Validation"])
     return results
