@@ -81,8 +81,10 @@ def main(argv=None):
         problem = example_weighting.Problem(data, teacher, make_student(), curriculum=True, inner_steps=steps,
                                             inner_lr=0.1, batch_size=arguments.batch_size)
         reference = None
-        for mode, modes in (("full", {}), (f"checkpoint C={arguments.chunk_size}", {"chunk_size": arguments.chunk_size}),
-                            (f"truncated T={arguments.truncation}", {"truncation": arguments.truncation})):
+        modes_to_run = (("full", {}),
+                        (f"checkpoint C={arguments.chunk_size}", {"chunk_size": arguments.chunk_size}),
+                        (f"truncated T={arguments.truncation}", {"truncation": arguments.truncation}))
+        for mode, modes in modes_to_run:
             peak, cuda_peak, seconds, loss, grads = measure(problem, make_student, hyper, device, modes)
             if reference is None:
                 reference = grads

@@ -20,9 +20,10 @@ from torch.func import functional_call
 
 from commentaries import TEACHERS
 from commentaries import storage
-from commentaries.common import (build_student, check_choice, check_float, check_int, check_list, fresh_weights,
-                                 implicit_hypergradient, log_scalars, RunningMean, mean_metrics, progress_bar, save_figure,
-                                 set_grads, train_student)
+from commentaries.common import (
+    RunningMean, build_student, check_choice, check_float, check_int, check_list, evaluation_generator,
+    fresh_weights, implicit_hypergradient, log_scalars, mean_metrics, progress_bar, save_figure, set_grads,
+    train_student)
 from commentaries.data import build_data
 
 KIND = "attention"
@@ -269,10 +270,10 @@ def attention_masks(*, context, data=None, masks="learned", commentary=None, sig
             results["teaching"] = {"objective_initial": initial, "objective_learned": learned,
                                    "red_quadrant_hits_initial": initial_hits,
                                    "red_quadrant_hits_learned": red_quadrant_hit_rate(teacher, params, dataset)}
+            hits = results["teaching"]["red_quadrant_hits_learned"]
             log_scalars(context.writer, {"Commentary/Objective_Initial": initial,
                                          "Commentary/Objective_Learned": learned,
-                                         "Commentary/Red_Quadrant_Hits": results["teaching"]["red_quadrant_hits_learned"]},
-                        steps)
+                                         "Commentary/Red_Quadrant_Hits": hits}, steps)
             path = storage.save_commentary(
                 context.run_dir / "commentary.pt", kind=KIND, tensors=teacher.state_dict(), dataset=dataset.spec,
                 learned_by={"algorithm": "implicit (Algorithm 2)", "steps": steps, "neumann_steps": neumann_steps,
@@ -283,6 +284,7 @@ def attention_masks(*, context, data=None, masks="learned", commentary=None, sig
     masker = Masker(masks, teacher, params, sigma)
     if masks != "none":
         plot_masks(masker, dataset, context, steps)
-    final = evaluate_masks(masker, dataset, evaluation_students, evaluation, context, generator)
+    final = evaluate_masks(masker, dataset, evaluation_students, evaluation, context,
+                           evaluation_generator(context.seed))
     results.update(final=final, objective=final["Loss/Validation"])
     return results

@@ -22,9 +22,10 @@ from torch.func import functional_call
 
 from commentaries import TEACHERS
 from commentaries import storage
-from commentaries.common import (build_student, check_choice, check_float, check_int, check_list, fresh_weights,
-                                 implicit_hypergradient, log_scalars, RunningMean, mean_metrics, progress_bar, save_figure,
-                                 set_grads, soft_cross_entropy, train_student, unrolled_hypergradient, _sgd_steps)
+from commentaries.common import (
+    RunningMean, build_student, check_choice, check_float, check_int, check_list, evaluation_generator,
+    fresh_weights, implicit_hypergradient, log_scalars, mean_metrics, progress_bar, save_figure, set_grads,
+    soft_cross_entropy, train_student, unrolled_hypergradient, _sgd_steps)
 from commentaries.data import build_data
 
 KIND = "augmentation"
@@ -320,7 +321,7 @@ def augmentation(*, context, data=None, policy="learned", method="implicit", com
     evaluation = {"steps": evaluation_steps, "lr": evaluation_lr, "optimiser": "Adam", "batch_size": batch_size,
                   "log_interval": min(log_interval, evaluation_steps)}
     final = evaluate_policy(Policy(policy, proportions, mixup_alpha), dataset, evaluation_students, evaluation,
-                            context, generator)
+                            context, evaluation_generator(context.seed))
     results.update(final=final, objective=final["Loss/Validation"])
     return results
 

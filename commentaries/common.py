@@ -439,6 +439,14 @@ def train_student(model, data, batch_loss, predict, *, steps, lr, batch_size, op
     return metrics
 
 
+def evaluation_generator(seed):
+    """Reseed for the evaluation students: at a given run seed every method and
+    baseline then trains them from the same initialisations and batch order,
+    whatever random numbers learning its commentary consumed (paired comparisons)."""
+    torch.manual_seed(seed + 7919)
+    return torch.Generator().manual_seed(seed + 7919)
+
+
 def mean_metrics(list_of_metrics):
     keys = list_of_metrics[0]
     return {k: sum(m[k] for m in list_of_metrics) / len(list_of_metrics) for k in keys}

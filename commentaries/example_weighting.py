@@ -19,9 +19,10 @@ from torch.func import functional_call
 
 from commentaries import TEACHERS
 from commentaries import storage
-from commentaries.common import (build_student, check_bool, check_choice, check_float, check_int, check_list,
-                                 cnn, fresh_weights, log_scalars, RunningMean, mean_metrics, progress_bar, save_figure,
-                                 set_grads, train_student, unrolled_hypergradient, _sgd_steps)
+from commentaries.common import (
+    RunningMean, build_student, check_bool, check_choice, check_float, check_int, check_list, cnn,
+    evaluation_generator, fresh_weights, log_scalars, mean_metrics, progress_bar, save_figure, set_grads,
+    train_student, unrolled_hypergradient, _sgd_steps)
 from commentaries.data import build_data
 
 KIND = "example_weighting"
@@ -258,6 +259,6 @@ def example_weighting(*, context, data=None, commentary="learned", curriculum=Tr
             teacher={"curriculum": curriculum, "width": teacher_width})
         results["commentary_file"] = str(path)
     final = evaluate_students(teacher, params, curriculum, dataset, evaluation_students, evaluation, context,
-                              generator)
+                              evaluation_generator(context.seed))
     results.update(final=final, objective=final["Loss/Validation"])
     return results

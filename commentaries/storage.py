@@ -23,7 +23,7 @@ import torch
 from errors import UserError
 
 from commentaries import TEACHERS
-from commentaries.common import atomic_write_bytes, check_int, check_float, check_choice
+from commentaries.common import atomic_write_bytes, check_choice, check_float, check_int, evaluation_generator
 from commentaries.data import build_data
 
 FORMAT = "hypergrad-commentary"
@@ -112,7 +112,7 @@ def train_with_commentary(*, context, commentary, student=None, data=None, steps
         "log_interval": check_int(log_interval, "log_interval", 1),
     }
     dataset = build_data(data).to(context.device)
-    generator = torch.Generator().manual_seed(context.seed)
+    generator = evaluation_generator(context.seed)
     module = _kind_module(payload["kind"])
     metrics = module.train_student_with_commentary(payload, dataset, student, options, context, generator)
     return {"status": "finished", "dataset": dataset.name, "final": metrics,
