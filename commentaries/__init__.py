@@ -22,16 +22,13 @@ from registry import Registry
 TEACHERS = Registry("teaching")
 
 # Fixed list, not read from configs: configs name registry entries only.
-_METHOD_MODULES = ("example_weighting", "augmentation", "attention", "gtn", "auxilearn")
+_METHOD_MODULES = ("example_weighting", "augmentation", "attention", "storage", "gtn",
+                   "auxilearn")
 
 
 def _import_methods():
-    for module in _METHOD_MODULES:
-        try:
-            importlib.import_module(f"commentaries.{module}")
-        except ModuleNotFoundError as error:
-            if error.name != f"commentaries.{module}":
-                raise
+    for module in _METHOD_MODULES:  # imported late: they import TEACHERS from here
+        importlib.import_module(f"commentaries.{module}")
 
 
 def run(spec, context, where="teaching"):
