@@ -142,7 +142,7 @@ def learn_unrolled(grid, data, student_spec, *, teacher_steps, inner_steps, inne
     """Algorithm 1 for small cases: for each grid step a fresh student takes
     ``inner_steps`` SGD steps on blended batches; its validation loss is
     backpropagated through them into the grid."""
-    device, n = data.train_x.device, data.num_classes
+    device = data.train_x.device
     student = build_student(student_spec, "teaching.student", **data.shape()).to(device)
     outer = torch.optim.Adam([grid], lr=grid_lr)
     running = RunningMean(device)

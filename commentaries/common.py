@@ -24,7 +24,6 @@ import weakref
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call
 
 import linear_solvers
 from errors import UserError

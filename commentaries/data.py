@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from errors import UserError
 from registry import Registry
 
-from commentaries.common import check_choice, check_float, check_int
+from commentaries.common import check_choice, check_int
 
 DATASETS = Registry("teaching.data")
 

@@ -6,7 +6,6 @@ All on the embedded digits, tiny sizes, fixed seeds; real numbers asserted.
 """
 import json
 import math
-import os
 import pathlib
 import sys
 import types
