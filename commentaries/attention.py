@@ -22,8 +22,8 @@ from commentaries import TEACHERS
 from commentaries import storage
 from commentaries.common import (
     RunningMean, build_student, check_choice, check_float, check_int, check_list, evaluation_generator,
-    fresh_weights, implicit_hypergradient, log_scalars, mean_metrics, progress_bar, save_figure, set_grads,
-    train_student)
+    fresh_weights, implicit_hypergradient, log_interval_losses, log_scalars, mean_metrics, progress_bar,
+    save_figure, set_grads, train_student)
 from commentaries.data import build_data
 
 KIND = "attention"
@@ -127,9 +127,7 @@ def learn_teacher(teacher, data, student_spec, *, steps, lr, teacher_lr, batch_s
                 running.add(val)
             bar.update()
             if (step + 1) % log_interval == 0 or step + 1 == steps:
-                values = {"Loss/Training": loss.detach()}
-                values.update({"Loss/Validation": mean for mean in running.pop().values()})
-                log_scalars(context.writer, values, step + 1)
+                log_interval_losses(context.writer, loss, running, step + 1)
     return teacher
 
 

@@ -24,8 +24,8 @@ from commentaries import TEACHERS
 from commentaries import storage
 from commentaries.common import (
     RunningMean, build_student, check_choice, check_float, check_int, check_list, evaluation_generator,
-    fresh_weights, implicit_hypergradient, log_scalars, mean_metrics, progress_bar, save_figure, set_grads,
-    soft_cross_entropy, train_student, unrolled_hypergradient, _sgd_steps)
+    fresh_weights, implicit_hypergradient, log_interval_losses, log_scalars, mean_metrics, progress_bar,
+    save_figure, set_grads, soft_cross_entropy, train_student, unrolled_hypergradient, _sgd_steps)
 from commentaries.data import build_data
 
 KIND = "augmentation"
@@ -131,9 +131,7 @@ def learn_implicit(grid, data, student_spec, *, steps, lr, batch_size, grid_lr, 
                 running.add(val)
             bar.update()
             if (step + 1) % log_interval == 0 or step + 1 == steps:
-                values = {"Loss/Training": loss.detach()}
-                values.update({"Loss/Validation": mean for mean in running.pop().values()})
-                log_scalars(context.writer, values, step + 1)
+                log_interval_losses(context.writer, loss, running, step + 1)
     return grid
 
 
@@ -157,7 +155,7 @@ def learn_unrolled(grid, data, student_spec, *, teacher_steps, inner_steps, inne
             running.add(val)
             bar.update()
             if (step + 1) % log_interval == 0 or step + 1 == teacher_steps:
-                log_scalars(context.writer, {"Loss/Validation": running.pop()["mean"]}, step + 1)
+                log_scalars(context.writer, {"Loss/Validation": running.pop()}, step + 1)
     return grid
 
 

@@ -357,13 +357,22 @@ class RunningMean:
         self.count += 1
 
     def pop(self):
-        """``{}`` if nothing was added since the last call, else ``{'mean': tensor}``."""
+        """The mean since the last call (a device tensor), or ``None`` if nothing was added."""
         if not self.count:
-            return {}
+            return None
         mean = self.total / self.count
         self.total = torch.zeros_like(self.total)
         self.count = 0
-        return {"mean": mean}
+        return mean
+
+
+def log_interval_losses(writer, training_loss, validation_losses, step):
+    """Log the last training loss and the mean validation loss of the interval (if any)."""
+    values = {"Loss/Training": training_loss.detach()}
+    validation = validation_losses.pop()
+    if validation is not None:
+        values["Loss/Validation"] = validation
+    log_scalars(writer, values, step)
 
 
 def log_scalars(writer, values, step, prefix=""):

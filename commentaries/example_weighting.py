@@ -241,7 +241,7 @@ def example_weighting(*, context, data=None, commentary="learned", curriculum=Tr
                 running.add(loss)
                 bar.update()
                 if (step + 1) % log_interval == 0 or step + 1 == teacher_steps:
-                    log_scalars(context.writer, {"Loss/Validation": running.pop()["mean"]}, step + 1)
+                    log_scalars(context.writer, {"Loss/Validation": running.pop()}, step + 1)
         learned = problem.objective(params.values(), seeds, device)
         results["teaching"] = {"objective_initial": initial, "objective_learned": learned}
         log_scalars(context.writer, {"Commentary/Objective_Initial": initial,
