@@ -11,6 +11,8 @@ All state needed to continue a run bit for bit (weights, optimiser state,
 hyperparameters, outer optimiser, samplers, random generators, counters) is in
 :meth:`Trainer.state_dict`.
 """
+import copy
+import functools
 import math
 
 import torch
@@ -78,7 +80,8 @@ class Problem:
         inputs, targets = self.split(split)
         if indices is None:
             return inputs, targets
-        return inputs[indices], targets[indices]
+        # index_select: half the cost of advanced indexing for a minibatch of rows
+        return inputs.index_select(0, indices), targets.index_select(0, indices)
 
     def install(self, weights):
         """Make ``weights`` the module's own parameters (sharing storage) and
@@ -95,6 +98,27 @@ class Problem:
         inputs, targets = batch
         loss = self.loss_function(self.model(inputs), targets)
         return loss.detach(), torch.autograd.grad(loss, self.parameters)
+
+    @functools.cached_property
+    def validation_model(self):
+        """A twin of the model (same buffers) for validation gradients taken
+        while a recorded window holds the model's own parameters."""
+        twin = copy.deepcopy(self.model)
+        for module, twin_module in zip(self.model.modules(), twin.modules()):
+            twin_module._buffers.update(module._buffers)  # share running statistics
+            for name, parameter in module._parameters.items():
+                if parameter is not None:
+                    twin_module._parameters[name].data = parameter.data
+        return twin
+
+    def validation_gradient(self, weights, batch):
+        """``∇L(weights)`` on ``batch`` through the twin model, with no graph kept."""
+        parameters = list(self.validation_model.parameters())
+        for parameter, weight in zip(parameters, weights):
+            parameter.data = weight
+        inputs, targets = batch
+        loss = self.loss_function(self.validation_model(inputs), targets)
+        return torch.autograd.grad(loss, parameters)
 
     def loss(self, weights, batch):
         inputs, targets = batch
@@ -249,20 +273,20 @@ class Trainer:
 
     def update_hyperparameters(self, recorded):
         batches = [self.training_batch() for _ in range(recorded)]
-        window = hypergradients.unroll(self.problem.install(self.weights), self.state, self.optimiser,
-                                       self.hyperparameters, self.problem.loss, batches)
+        window = hypergradients.unroll(self.problem.install(self.weights), self.state,
+                                       self.optimiser, self.hyperparameters, self.problem.loss,
+                                       batches, linearise=self.method.linearises(self.optimiser))
         validation_batch = self.validation_batch()
         window.validation_loss = lambda weights: self.problem.loss(weights, validation_batch)
+        window.validation_gradient = (
+            lambda weights: self.problem.validation_gradient(weights, validation_batch))
         grads = self.method.hypergradient(window)
         self.weights = tuple(w.detach() for w in window.end)
         self.state = {key: (tuple(v.detach() for v in value) if isinstance(value, tuple)
                             else value.detach()) for key, value in window.state.items()}
         self.last_training_loss = window.training_losses[-1]
         self.weight_step += recorded
-        self.outer.zero_grad(set_to_none=True)
-        for leaf, grad in zip(window.hyperparameters, grads):
-            leaf.grad = grad
-        self.outer.step()
+        self.outer.step(grads)
         self.hyperparameters.clip_()
         self.last_hypergradients = self.summarise_hypergradients(grads)
 

@@ -40,14 +40,18 @@ METHODS = Registry("hypergradient")
 class Window:
     """The recorded weight updates of one hyperparameter step."""
     start: tuple               # w_0: leaf tensors that require grad
-    end: tuple                 # w_K: functions of w_0 and the hyperparameters
+    end: tuple                 # w_K: functions of w_0 and λ (detached when linearised)
     state: dict                # optimiser state after the window (with graph)
     hyperparameters: list      # raw hyperparameter leaves (the outer variables)
     validation_loss: Callable  # weights -> scalar validation loss on a fixed batch
     training_losses: list      # detached training loss of each recorded step
     last_grads: tuple = None   # training gradient of the last update (with graph)
     linearisation: tuple = None  # closed-form Jacobian products of a one-update window
-    natural: dict = None       # transformed hyperparameters (with graph to the raw ones)
+    natural_vjp: Callable = None  # {name: ∂/∂natural} -> gradients of the raw leaves
+    optimised: tuple = ()      # names of the optimised hyperparameters, in leaf order
+    # weights -> ∇L_V(weights) on the same batch as ``validation_loss``; the
+    # engine supplies a faster one than differentiating ``validation_loss``.
+    validation_gradient: Callable = None
 
 
 def leaves(weights):
@@ -55,27 +59,47 @@ def leaves(weights):
     return tuple(w.detach().requires_grad_(True) for w in weights)
 
 
-def unroll(start, state, optimiser, hyperparameters, training_loss, batches):
+def unroll(start, state, optimiser, hyperparameters, training_loss, batches, linearise=False):
     """Run one differentiable weight update per batch from the leaf tensors
     ``start``, keeping the graph.
 
     ``training_loss(weights, batch)`` is the scalar loss; ``hyperparameters``
     is a :class:`hyperparameters.Hyperparameters`. The returned
     :class:`Window`'s ``validation_loss`` is filled in by the caller.
+
+    ``linearise=True`` (one batch, an optimiser with a closed-form
+    ``linearisation``) records only the training gradient: the update itself
+    runs without a graph, and the implicit method uses the closed-form
+    Jacobian products and transform derivatives instead of autograd.
     """
     state = {key: _detach(value) for key, value in state.items()}
-    natural = hyperparameters.natural()
+    single = len(batches) == 1 and optimiser.linearisation is not None
+    if linearise and not single:
+        raise ValueError("linearise=True needs one batch and an optimiser with a linearisation")
+    natural = hyperparameters.natural_detached() if linearise else hyperparameters.natural()
     weights, linearisation = start, None
     losses = []
     for batch in batches:
         loss = training_loss(weights, batch)
         grads = torch.autograd.grad(loss, weights, create_graph=True)
-        if optimiser.linearisation is not None and len(batches) == 1:
-            linearisation = optimiser.linearisation(weights, grads, state, natural)
-        weights, state = optimiser.update(weights, grads, state, natural)
+        if linearise:
+            with torch.no_grad():
+                end, new_state = optimiser.update(weights, grads, state, natural)
+            linearisation = optimiser.linearisation(weights, grads, state, natural, new_state)
+            weights, state = end, new_state
+        else:
+            if single:
+                linearisation = optimiser.linearisation(weights, grads, state, natural)
+            weights, state = optimiser.update(weights, grads, state, natural)
         losses.append(loss.detach())
+    with torch.no_grad():
+        natural_values = {name: (tuple(v.detach() for v in value) if isinstance(value, tuple)
+                                 else value.detach()) for name, value in natural.items()}
     return Window(start, weights, state, hyperparameters.leaves(), None, losses,
-                  last_grads=grads, linearisation=linearisation, natural=natural)
+                  last_grads=grads, linearisation=linearisation,
+                  natural_vjp=lambda cotangents: hyperparameters.natural_vjp(cotangents,
+                                                                             natural_values),
+                  optimised=tuple(hyperparameters.optimised))
 
 
 def _detach(value):
@@ -90,6 +114,9 @@ class NoHypergradient:
 
     def differentiable_steps(self, network_weight_steps):
         return 0
+
+    def linearises(self, optimiser):
+        return False
 
     def hypergradient(self, window):
         raise RuntimeError("NoHypergradient has no hypergradient")
@@ -109,6 +136,9 @@ class Unrolled:
         if self.window is None:
             return network_weight_steps
         return min(self.window, network_weight_steps)
+
+    def linearises(self, optimiser):
+        return False
 
     def hypergradient(self, window):
         loss = window.validation_loss(window.end)
@@ -133,12 +163,21 @@ class Implicit:
     def differentiable_steps(self, network_weight_steps):
         return 1
 
+    def linearises(self, optimiser):
+        """Whether the engine may record only the training gradient (see :func:`unroll`)."""
+        return self.closed_form and optimiser.linearisation is not None
+
     def hypergradient(self, window):
-        end = tuple(w.detach().requires_grad_(True) for w in window.end)
-        validation_grad = torch.autograd.grad(window.validation_loss(end), end)
+        if window.validation_gradient is not None:
+            validation_grad = window.validation_gradient(tuple(w.detach() for w in window.end))
+        else:
+            end = tuple(w.detach().requires_grad_(True) for w in window.end)
+            validation_grad = torch.autograd.grad(window.validation_loss(end), end)
 
         if self.closed_form and window.linearisation is not None:
             return self._with_closed_form(window, validation_grad)
+        if window.end[0].grad_fn is None:
+            raise ValueError("closed_form=False needs a window recorded with linearise=False")
         # v ↦ v ∂u/∂w is one double-backward through the recorded update.
         inverse_product, self.trajectory = self.solve(
             lambda v: _vjp(window.end, window.start, v), validation_grad,
@@ -147,7 +186,8 @@ class Implicit:
 
     def _with_closed_form(self, window, validation_grad):
         """The same computation with the optimiser's closed-form Jacobian
-        products: only ``H x`` needs autograd (through the gradient alone)."""
+        products and the transforms' closed-form derivatives: only ``H x``
+        needs autograd (through the gradient alone)."""
         weight_product, hyperparameter_products = window.linearisation
 
         def hessian_product(vector):
@@ -156,19 +196,7 @@ class Implicit:
         inverse_product, self.trajectory = self.solve(
             lambda v: weight_product(v, hessian_product), validation_grad,
             self.rollback_distance)
-        cotangents = hyperparameter_products(inverse_product)
-        outputs, vectors = [], []
-        for name, cotangent in cotangents.items():
-            value = window.natural[name]
-            if not (value[0] if isinstance(value, (tuple, list)) else value).requires_grad:
-                continue  # not optimised
-            if isinstance(value, (tuple, list)):
-                outputs.extend(value)
-                vectors.extend(cotangent)
-            else:
-                outputs.append(value)
-                vectors.append(cotangent)
-        return _vjp(outputs, window.hyperparameters, vectors, retain_graph=False)
+        return window.natural_vjp(hyperparameter_products(inverse_product, window.optimised))
 
 
 def _vjp(outputs, inputs, vector=None, retain_graph=True):

@@ -23,6 +23,15 @@ TRANSFORMS = {
     None: (lambda raw: raw, lambda value: value),
 }
 
+# d natural / d raw, written in terms of the natural value (as autograd's own
+# backward formulas for pow, exp and sigmoid are).
+DERIVATIVES = {
+    "10^": lambda natural: natural * math.log(10.0),
+    "exp": lambda natural: natural,
+    "sigmoid": lambda natural: natural * (1 - natural),
+    None: torch.ones_like,
+}
+
 
 class Hyperparameters:
     """Raw hyperparameter tensors, their transforms, and which are optimised."""
@@ -68,6 +77,20 @@ class Hyperparameters:
     def natural_detached(self):
         with torch.no_grad():
             return self.natural()
+
+    @torch.no_grad()
+    def natural_vjp(self, cotangents, natural):
+        """Gradients of the optimised raw leaves (in :meth:`leaves` order)
+        from ``{name: ∂f/∂natural}``, by the chain rule through each transform
+        in closed form: cheaper than a backward pass through ``natural()``."""
+        grads = []
+        for name in self.optimised:
+            derivative = DERIVATIVES[self.transforms[name]]
+            if isinstance(natural[name], tuple):
+                grads.extend(c * derivative(v) for c, v in zip(cotangents[name], natural[name]))
+            else:
+                grads.append(cotangents[name] * derivative(natural[name]))
+        return grads
 
     @torch.no_grad()
     def clip_(self):

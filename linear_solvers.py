@@ -24,7 +24,10 @@ from errors import UserError
 
 
 def _add(xs, ys, alpha=1.0):
-    return tuple(x + alpha * y for x, y in zip(xs, ys))
+    """``xs + alpha * ys`` in multi-tensor kernels (``alpha`` a number or a 0-d tensor)."""
+    if isinstance(alpha, torch.Tensor):
+        return tuple(torch._foreach_add(xs, torch._foreach_mul(ys, alpha)))
+    return tuple(torch._foreach_add(xs, ys, alpha=alpha))
 
 
 def _dot(xs, ys):

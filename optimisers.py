@@ -23,6 +23,8 @@ Example (one SGD step, as ``torch.optim.SGD(lr=0.1, momentum=0.9)``)::
 from typing import Callable, NamedTuple
 
 import torch
+from torch.optim.adam import adam as adam_update
+from torch.optim.sgd import sgd as sgd_update
 
 from registry import Registry
 
@@ -42,6 +44,24 @@ class WeightOptimiser(NamedTuple):
 def per_weight(value, index):
     """The value of a hyperparameter for weight tensor ``index``."""
     return value[index] if isinstance(value, (tuple, list)) else value
+
+
+def _listed(value):
+    """A per-weight value as a list (for multi-tensor kernels); a scalar as is."""
+    return list(value) if isinstance(value, (tuple, list)) else value
+
+
+def _one_minus_product(a, b):
+    """``1 - a ⊙ b`` for values that are scalars or per-weight lists."""
+    if not isinstance(a, list) and not isinstance(b, list):
+        return 1 - a * b
+    count = len(a) if isinstance(a, list) else len(b)
+    return [1 - per_weight(a, i) * per_weight(b, i) for i in range(count)]
+
+
+def _total(tensors):
+    """The sum of all elements of a list of tensors, in two kernels."""
+    return torch.cat([t.reshape(-1) for t in tensors]).sum()
 
 
 @OPTIMISERS.register("SGD")
@@ -79,46 +99,50 @@ def sgd():
         steps = torch._foreach_mul(buffers, hypers["lr"])
         return tuple(torch._foreach_sub(params, steps)), {"momentum_buffer": tuple(buffers)}
 
-    def linearisation(weights, grads, state, hypers):
+    def linearisation(weights, grads, state, hypers, new_state=None):
         """Products with the Jacobians of one update ``u`` at ``weights``
-        (``state`` is the state *before* the update), for implicit
-        hypergradients. With ``H`` the Hessian of the training loss::
+        (``state`` is the state *before* the update, ``new_state`` the one
+        after, if already computed), for implicit hypergradients. With ``H``
+        the Hessian of the training loss::
 
-            v ∂u/∂w   = v - H (lr ⊙ v) - lr ⊙ weight_decay ⊙ v
+            v ∂u/∂w   = (1 - lr ⊙ weight_decay) ⊙ v - H (lr ⊙ v)
             p ∂u/∂lr  = -p ⊙ b_new          (summed for a scalar lr)
             p ∂u/∂wd  = -p ⊙ lr ⊙ w
             p ∂u/∂mom = -p ⊙ lr ⊙ b_old
 
         ``H x`` costs one double-backward through ``grads`` alone, cheaper
-        than through the whole update; the hyperparameter products cost a
-        few dot products instead of a backward pass."""
-        names = ("lr", "weight_decay", "momentum")
+        than through the whole update; everything else is a few multi-tensor
+        kernels instead of a backward pass."""
         with torch.no_grad():
-            natural = {name: hypers[name] for name in names}
+            lr, weight_decay, momentum = (_listed(hypers[name])
+                                          for name in ("lr", "weight_decay", "momentum"))
             old_buffers = state["momentum_buffer"]
-            new_buffers = tuple(
-                per_weight(natural["momentum"], i) * b + g + per_weight(natural["weight_decay"], i) * w
-                for i, (w, g, b) in enumerate(zip(weights, grads, old_buffers)))
+            if new_state is None:
+                new_buffers = torch._foreach_mul(old_buffers, momentum)
+                torch._foreach_add_(new_buffers, grads)
+                torch._foreach_add_(new_buffers, torch._foreach_mul(weights, weight_decay))
+            else:
+                new_buffers = new_state["momentum_buffer"]
+            keep = _one_minus_product(lr, weight_decay)
 
         def weight_product(vector, hessian_product):
-            scaled = tuple(per_weight(natural["lr"], i) * v for i, v in enumerate(vector))
-            curvature = hessian_product(scaled)
-            return tuple(v - c - per_weight(natural["weight_decay"], i) * s
-                         for i, (v, c, s) in enumerate(zip(vector, curvature, scaled)))
+            curvature = hessian_product(torch._foreach_mul(vector, lr))
+            product = torch._foreach_mul(vector, keep)
+            torch._foreach_sub_(product, curvature)
+            return tuple(product)
 
-        def hyperparameter_products(vector):
-            factors = {
-                "lr": new_buffers,
-                "weight_decay": tuple(per_weight(natural["lr"], i) * w
-                                      for i, w in enumerate(weights)),
-                "momentum": tuple(per_weight(natural["lr"], i) * b
-                                  for i, b in enumerate(old_buffers)),
-            }
+        def hyperparameter_products(vector, names):
+            """``{name: p ∂u/∂name}`` for the requested names: one tensor
+            per weight for a per-weight hyperparameter, else a 0-d tensor."""
+            factors = {"lr": lambda: new_buffers,
+                       "weight_decay": lambda: torch._foreach_mul(weights, lr),
+                       "momentum": lambda: torch._foreach_mul(old_buffers, lr)}
             products = {}
-            for name, factor in factors.items():
-                elementwise = tuple(-v * f for v, f in zip(vector, factor))
-                products[name] = (elementwise if isinstance(natural[name], (tuple, list))
-                                  else sum(e.sum() for e in elementwise))
+            for name in names:
+                elementwise = torch._foreach_mul(vector, factors[name]())
+                torch._foreach_neg_(elementwise)
+                products[name] = (tuple(elementwise) if isinstance(hypers[name], (tuple, list))
+                                  else _total(elementwise))
             return products
 
         return weight_product, hyperparameter_products
@@ -168,13 +192,69 @@ def adam():
 HYPERPARAMETER_OPTIMISERS = Registry("hyperparameter optimiser")
 
 
+def _fusable(tensors):
+    return all(t.device.type in ("cpu", "cuda") and t.is_floating_point() for t in tensors)
+
+
 @HYPERPARAMETER_OPTIMISERS.register("Adam")
-def hyper_adam(params, lr=0.05, betas=(0.9, 0.999), eps=1e-8):
-    """The paper's default outer optimiser (lr 0.05)."""
-    return torch.optim.Adam(params, lr=lr, betas=tuple(betas), eps=eps)
+class HyperAdam:
+    """The paper's default outer optimiser (lr 0.05): Adam on the raw
+    hyperparameter leaves, ``step(grads)`` updating them in place.
+
+    The update is ``torch.optim.Adam``'s own (its functional kernel, fused
+    where the device allows), called directly: on a handful of scalars the
+    ``Optimizer`` wrapper and ``.grad`` bookkeeping cost several times the
+    update itself, and this runs once per hyperparameter step.
+    """
+
+    def __init__(self, params, lr=0.05, betas=(0.9, 0.999), eps=1e-8):
+        self.params = list(params)
+        self.lr, (self.beta1, self.beta2), self.eps = float(lr), map(float, betas), float(eps)
+        self.fused = _fusable(self.params)
+        step_dtype = torch.float32 if self.fused else torch.get_default_dtype()
+        self.state = {
+            "exp_avg": [torch.zeros_like(p) for p in self.params],
+            "exp_avg_sq": [torch.zeros_like(p) for p in self.params],
+            "step": [torch.zeros((), dtype=step_dtype, device=p.device) for p in self.params]}
+
+    @torch.no_grad()
+    def step(self, grads):
+        adam_update(
+            self.params, list(grads), self.state["exp_avg"], self.state["exp_avg_sq"], [],
+            self.state["step"], fused=self.fused, foreach=False if self.fused else None,
+            amsgrad=False, beta1=self.beta1, beta2=self.beta2, lr=self.lr, weight_decay=0.0,
+            eps=self.eps, maximize=False)
+
+    def state_dict(self):
+        return {key: [t.clone() for t in tensors] for key, tensors in self.state.items()}
+
+    @torch.no_grad()
+    def load_state_dict(self, state):
+        for key, tensors in self.state.items():
+            for tensor, saved in zip(tensors, state[key]):
+                tensor.copy_(saved)
 
 
 @HYPERPARAMETER_OPTIMISERS.register("SGD")
-def hyper_sgd(params, lr=0.001, momentum=0.0):
-    """Baydin et al.'s outer optimiser (plain SGD on the hyperparameters)."""
-    return torch.optim.SGD(params, lr=lr, momentum=momentum)
+class HyperSGD:
+    """Baydin et al.'s outer optimiser: SGD (optionally with momentum) on the
+    raw hyperparameter leaves, ``torch.optim.SGD``'s functional update."""
+
+    def __init__(self, params, lr=0.001, momentum=0.0):
+        self.params = list(params)
+        self.lr, self.momentum = float(lr), float(momentum)
+        self.momentum_buffers = [None] * len(self.params)
+
+    @torch.no_grad()
+    def step(self, grads):
+        sgd_update(self.params, list(grads), self.momentum_buffers, foreach=False,
+                   weight_decay=0.0, momentum=self.momentum, lr=self.lr, dampening=0.0,
+                   nesterov=False, maximize=False)
+
+    def state_dict(self):
+        return {"momentum_buffers": [None if b is None else b.clone()
+                                     for b in self.momentum_buffers]}
+
+    def load_state_dict(self, state):
+        self.momentum_buffers = [None if b is None else b.clone()
+                                 for b in state["momentum_buffers"]]

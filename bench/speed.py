@@ -8,7 +8,9 @@ synthetic data of that shape). Algorithms are interleaved and each is timed
 ``--repeats`` times (best taken), so the Ours/Random ratio comes from one run
 under the same machine load. Also times a whole 4,000-step UCI-energy
 Ours_LR_Momentum run through ``train.main`` (its ``wall_time_s``: the training
-loop, logging included).
+loop, logging included), and the *autograd floor* of each workload: the
+ratio Ours_LR_Momentum would reach if its hyperparameter step did nothing but
+the autograd work the paper's algorithm requires.
 """
 import argparse
 import sys
@@ -22,6 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import config  # noqa: E402
+import hypergradients  # noqa: E402
 import train  # noqa: E402
 from datasets import Data  # noqa: E402
 from engine import Problem, Trainer  # noqa: E402
@@ -67,6 +70,47 @@ def steps_per_second(trainer, hyperparameter_steps):
     return hyperparameter_steps * trainer.network_weight_steps / elapsed
 
 
+def mean_microseconds(function, count=200):
+    function()
+    start = time.perf_counter()
+    for _ in range(count):
+        function()
+    return (time.perf_counter() - start) / count * 1e6
+
+
+def autograd_floor(trainer):
+    """The time ratio Ours/Random would have if a hyperparameter step cost
+    nothing beyond its unavoidable autograd work: the recorded step (training
+    gradient with ``create_graph``), one validation gradient and
+    ``rollback_distance - 1`` Hessian-vector products, each timed alone."""
+    for _ in range(3):
+        trainer.step()
+    natural = trainer.hyperparameters.natural_detached()
+    batch = trainer.training_batch()
+    validation = trainer.validation_batch()
+
+    def record():
+        return hypergradients.unroll(trainer.problem.install(trainer.weights), trainer.state,
+                                     trainer.optimiser, trainer.hyperparameters,
+                                     trainer.problem.loss, [batch], linearise=True)
+
+    window = record()
+    end = tuple(w.detach() for w in window.end)
+    vector = trainer.problem.validation_gradient(end, validation)
+    products = trainer.method.rollback_distance - 1
+    parts = {
+        "recorded step": mean_microseconds(record),
+        "validation gradient": mean_microseconds(
+            lambda: trainer.problem.validation_gradient(end, validation)),
+        f"{products} Hessian-vector products": products * mean_microseconds(
+            lambda: hypergradients._vjp(window.last_grads, window.start, vector)),
+    }
+    fast = mean_microseconds(lambda: trainer.weight_step_(natural))
+    steps = trainer.network_weight_steps
+    floor = ((steps - 1) * fast + sum(parts.values())) / (steps * fast)
+    return fast, parts, floor
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cpu")
@@ -91,6 +135,10 @@ def main():
         for name in ALGORITHMS:
             print(f"  {name:18s} {best[name]:9.0f} weight steps/s   "
                   f"time ratio to Random {best['Random'] / best[name]:.2f}x")
+        fast, parts, floor = autograd_floor(make_trainer(dataset_file, "Ours_LR_Momentum",
+                                                         device, data))
+        print(f"  autograd floor of Ours_LR_Momentum: {floor:.2f}x  (ordinary step {fast:.0f} us; "
+              + ", ".join(f"{name} {value:.0f} us" for name, value in parts.items()) + ")")
     with tempfile.TemporaryDirectory() as log_root:
         results = train.main(["configs/uci_energy.yaml", "configs/Ours_LR_Momentum.yaml"],
                              {"device": str(device)}, log_root=log_root, progress=False)

@@ -45,13 +45,15 @@ def regression_problem(seed=0, dtype=torch.float64):
     return weights, loss, batches, validation
 
 
-def hypergradient_of(method, values, optimised, steps, seed=0, momentum_buffer=0.3, **kwargs):
+def hypergradient_of(method, values, optimised, steps, seed=0, momentum_buffer=0.3,
+                     linearise=False, **kwargs):
     weights, loss, batches, validation = regression_problem(seed)
     optimiser = OPTIMISERS.get("SGD")()
     state = {"momentum_buffer": tuple(momentum_buffer * torch.ones_like(w) for w in weights)}
     hypers = make_hyperparameters(values, optimised, **kwargs)
     window = hypergradients.unroll(hypergradients.leaves(weights), state, optimiser, hypers, loss,
-                                   [batches[i % len(batches)] for i in range(steps)])
+                                   [batches[i % len(batches)] for i in range(steps)],
+                                   linearise=linearise)
     window.validation_loss = lambda w: loss(w, validation)
     return method.hypergradient(window), window
 
@@ -94,21 +96,61 @@ def test_implicit_with_one_term_equals_one_step_unrolled():
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
 
 
+@pytest.mark.parametrize("linearise", [False, True], ids=["recorded_update", "linearised"])
 @pytest.mark.parametrize("rollback", [1, 5])
 @pytest.mark.parametrize("per_weight", [False, True], ids=["scalar_lr", "per_weight_lr"])
 @pytest.mark.parametrize("optimised", [["lr", "weight_decay", "momentum"], ["weight_decay"]],
                          ids=["all", "weight_decay_only"])
-def test_closed_form_jacobian_products_equal_autograd(rollback, per_weight, optimised):
-    """SGD's closed-form products (the fast path) against autograd through the update."""
+def test_closed_form_jacobian_products_equal_autograd(rollback, per_weight, optimised, linearise):
+    """SGD's closed-form products and transform derivatives (the fast path,
+    with or without the update itself recorded) against autograd through the
+    recorded update and the transforms."""
     high_dimensional = ["lr"] if per_weight and "lr" in optimised else []
     fast, _ = hypergradient_of(hypergradients.Implicit(rollback), VALUES, optimised, 1,
-                               high_dimensional=high_dimensional)
+                               high_dimensional=high_dimensional, linearise=linearise)
     slow, _ = hypergradient_of(hypergradients.Implicit(rollback, closed_form=False), VALUES,
                                optimised, 1, high_dimensional=high_dimensional)
     assert len(fast) == len(slow)
     for a, b in zip(fast, slow):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-15)
         assert a.abs().sum() > 0
+
+
+def test_linearised_window_refuses_the_autograd_path():
+    with pytest.raises(ValueError, match="linearise=False"):
+        hypergradient_of(hypergradients.Implicit(5, closed_form=False), VALUES, ["lr"], 1,
+                         linearise=True)
+
+
+@pytest.mark.parametrize("transform", ["10^", "exp", "sigmoid", None], ids=str)
+@pytest.mark.parametrize("per_weight", [False, True], ids=["scalar", "per_weight"])
+def test_closed_form_transform_derivatives_equal_autograd(transform, per_weight):
+    raw = {"lr": -0.7, "weight_decay": 0.3, "momentum": 1.2}
+    hypers = make_hyperparameters(raw, ["lr", "weight_decay", "momentum"],
+                                  transforms={name: transform for name in raw},
+                                  high_dimensional=["lr"] if per_weight else [])
+    natural = hypers.natural()
+    generator = torch.Generator().manual_seed(1)
+
+    def cotangent_like(value):
+        if isinstance(value, tuple):
+            return tuple(torch.randn(v.shape, generator=generator, dtype=v.dtype) for v in value)
+        return torch.randn((), generator=generator, dtype=value.dtype)
+
+    cotangents = {name: cotangent_like(value) for name, value in natural.items()}
+    outputs, vectors = [], []
+    for name in hypers.optimised:
+        values = natural[name] if isinstance(natural[name], tuple) else (natural[name],)
+        cots = cotangents[name] if isinstance(cotangents[name], tuple) else (cotangents[name],)
+        outputs.extend(values)
+        vectors.extend(cots)
+    expected = torch.autograd.grad(outputs, hypers.leaves(), vectors)
+    detached = {name: (tuple(v.detach() for v in value) if isinstance(value, tuple)
+                       else value.detach()) for name, value in natural.items()}
+    ours = hypers.natural_vjp(cotangents, detached)
+    assert len(ours) == len(expected) == (4 if per_weight else 3)
+    for a, b in zip(ours, expected):
+        torch.testing.assert_close(a, b, rtol=1e-14, atol=0.0)
 
 
 def test_baydin_matches_closed_form():
@@ -257,3 +299,37 @@ def test_memory_stays_flat_across_hyperparameter_steps(algorithm, digits_trainer
     after = count_tensors()
     assert after <= before + 2, (before, after)
     assert all(w.grad_fn is None for w in trainer.weights)
+
+
+@pytest.mark.parametrize("name, options, reference", [
+    ("Adam", {"lr": 0.05, "betas": (0.8, 0.99), "eps": 1e-6},
+     lambda p: torch.optim.Adam(p, lr=0.05, betas=(0.8, 0.99), eps=1e-6)),
+    ("SGD", {"lr": 0.01, "momentum": 0.9}, lambda p: torch.optim.SGD(p, lr=0.01, momentum=0.9)),
+], ids=["Adam", "SGD"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_hyperparameter_optimisers_match_torch_optim(name, options, reference, dtype):
+    """The outer optimisers (functional kernels, no ``.grad``) against
+    ``torch.optim`` step for step, and through a state_dict round trip."""
+    from optimisers import HYPERPARAMETER_OPTIMISERS
+    generator = torch.Generator().manual_seed(0)
+    initial = [torch.randn((), generator=generator, dtype=dtype),
+               torch.randn(3, 4, generator=generator, dtype=dtype)]
+    ours = [t.clone().requires_grad_() for t in initial]
+    theirs = [t.clone().requires_grad_() for t in initial]
+    optimiser = HYPERPARAMETER_OPTIMISERS.build({"class": name, **options}, "test", params=ours)
+    expected = reference(theirs)
+    for step in range(6):
+        grads = [torch.randn(t.shape, generator=generator, dtype=dtype) for t in initial]
+        if step == 3:  # resume into a fresh optimiser over the same leaves
+            saved = optimiser.state_dict()
+            optimiser = HYPERPARAMETER_OPTIMISERS.build({"class": name, **options}, "test",
+                                                        params=ours)
+            optimiser.load_state_dict(saved)
+        optimiser.step(grads)
+        for leaf, grad in zip(theirs, grads):
+            leaf.grad = grad
+        expected.step()
+        for a, b in zip(ours, theirs):
+            tolerance = 1e-6 if dtype == torch.float32 else 1e-14
+            torch.testing.assert_close(a.detach(), b.detach(), rtol=tolerance, atol=tolerance)
+    assert not torch.equal(ours[1].detach(), initial[1])
