@@ -78,6 +78,7 @@ SCHEMA = {
     "seed": (lambda v: _integer(v) and v >= 0, "an integer >= 0", 0),
     "device": (_optional(lambda v: isinstance(v, str)), "cpu, cuda or cuda:N", None),
     "dtype": (lambda v: v in ("float32", "float64"), "float32 or float64", "float32"),
+    "compile": (lambda v: isinstance(v, bool), "true or false", False),
     "data_root": (_optional(lambda v: isinstance(v, str)), "a directory", None),
 }
 

@@ -3,9 +3,11 @@
 One *hyperparameter step* is ``network_weight_steps`` weight updates followed
 by one update of the hyperparameters from a hypergradient. Weight updates run
 without an autograd graph except the last ``method.differentiable_steps`` of
-each hyperparameter step, which the method needs (one for the implicit
-methods, K for unrolled differentiation). Data sits on the device as tensors
-and batches are gathered by index; nothing in the loop waits for the host.
+each hyperparameter step, which the method needs (K for unrolled
+differentiation; for the implicit methods with SGD, only the training
+gradient of the last update, since the rest of its Jacobian is closed-form).
+Data sits on the device as tensors and batches are gathered by index; nothing
+in the loop waits for the host.
 
 All state needed to continue a run bit for bit (weights, optimiser state,
 hyperparameters, outer optimiser, samplers, random generators, counters) is in
@@ -19,6 +21,7 @@ import torch
 from torch.func import functional_call
 
 import hypergradients
+from compiled import CompiledSteps
 from errors import UserError
 from hyperparameters import TRANSFORMS, Hyperparameters
 from optimisers import HYPERPARAMETER_OPTIMISERS, OPTIMISERS
@@ -223,6 +226,8 @@ class Trainer:
                             f"optimised but hypergradient.class is None")
         self.state = self.optimiser.init(self.weights)
         self.initial_weights, self.initial_state = self.weights, self.state
+        self.device = device
+        self.compiled = self.build_compiled() if config["compile"] else None
         seed = config["seed"]
         batch_size = config["batch_size"]
         self.training_sampler = Sampler(len(problem.data.training_inputs), batch_size,
@@ -235,6 +240,16 @@ class Trainer:
         self.weight_step = 0
         self.last_training_loss = torch.full((), math.nan, device=device)
         self.last_hypergradients = {}
+
+    def build_compiled(self):
+        uses_hypergradients = self.method.differentiable_steps(self.network_weight_steps) > 0
+        if uses_hypergradients and not self.method.linearises(self.optimiser):
+            raise UserError(
+                f"{self.config.where('compile')}: true supports fixed hyperparameters and the "
+                f"closed-form implicit methods (Implicit, Baydin) with SGD; "
+                f"{self.config['hypergradient']['class']} with "
+                f"{self.config['network_weight']['class']} runs with compile: false")
+        return CompiledSteps(self.problem, self.optimiser, self.config.where("compile"))
 
     @property
     def validation_split(self):
@@ -250,10 +265,14 @@ class Trainer:
 
     def weight_step_(self, natural):
         """One ordinary weight update: no graph is kept."""
-        loss, grads = self.problem.loss_and_grads(self.weights, self.training_batch())
-        with torch.no_grad():
-            self.weights, self.state = self.optimiser.update(self.weights, grads, self.state,
-                                                             natural)
+        if self.compiled is not None:
+            self.weights, self.state, loss = self.compiled.weight_step(
+                self.weights, self.state, natural, *self.training_batch())
+        else:
+            loss, grads = self.problem.loss_and_grads(self.weights, self.training_batch())
+            with torch.no_grad():
+                self.weights, self.state = self.optimiser.update(self.weights, grads,
+                                                                 self.state, natural)
         self.last_training_loss = loss
         self.weight_step += 1
 
@@ -273,13 +292,17 @@ class Trainer:
 
     def update_hyperparameters(self, recorded):
         batches = [self.training_batch() for _ in range(recorded)]
-        window = hypergradients.unroll(self.problem.install(self.weights), self.state,
-                                       self.optimiser, self.hyperparameters, self.problem.loss,
-                                       batches, linearise=self.method.linearises(self.optimiser))
         validation_batch = self.validation_batch()
+        if self.compiled is not None:
+            window = self.compiled_window(batches[0], validation_batch)
+        else:
+            window = hypergradients.unroll(
+                self.problem.install(self.weights), self.state, self.optimiser,
+                self.hyperparameters, self.problem.loss, batches,
+                linearise=self.method.linearises(self.optimiser))
+            window.validation_gradient = (
+                lambda weights: self.problem.validation_gradient(weights, validation_batch))
         window.validation_loss = lambda weights: self.problem.loss(weights, validation_batch)
-        window.validation_gradient = (
-            lambda weights: self.problem.validation_gradient(weights, validation_batch))
         grads = self.method.hypergradient(window)
         self.weights = tuple(w.detach() for w in window.end)
         self.state = {key: (tuple(v.detach() for v in value) if isinstance(value, tuple)
@@ -289,6 +312,33 @@ class Trainer:
         self.outer.step(grads)
         self.hyperparameters.clip_()
         self.last_hypergradients = self.summarise_hypergradients(grads)
+
+    def compiled_window(self, batch, validation_batch):
+        """The linearised window of :meth:`update_hyperparameters` from the
+        compiled gradient and Hessian-vector product."""
+        compiled, weights = self.compiled, self.weights
+        window = hypergradients.linearised(
+            weights, self.state, self.optimiser, self.hyperparameters,
+            gradient=lambda w: compiled.gradient(w, *batch),
+            hessian_product=lambda vector: compiled.hessian_product(weights, vector, *batch))
+        window.validation_gradient = lambda w: compiled.gradient(w, *validation_batch)[1]
+        return window
+
+    def warm_up(self):
+        """Compile (``compile: true``) before the timed loop, on copies of the
+        state and batches of the right shapes: samplers and state untouched."""
+        if self.compiled is None:
+            return 0.0
+        batches = []
+        for split, sampler in (("training", self.training_sampler),
+                               (self.validation_split, self.validation_sampler)):
+            size = sampler.batch_size if sampler.batch_size < sampler.size else None
+            indices = None if size is None else torch.arange(size, device=self.device)
+            batches.append(self.problem.batch(split, indices))
+        return self.compiled.warm_up(self.weights, self.state,
+                                     self.hyperparameters.natural_detached(), batches,
+                                     hessian=self.method.differentiable_steps(
+                                         self.network_weight_steps) > 0)
 
     def summarise_hypergradients(self, grads):
         """One number per optimised hyperparameter (the sum over weights for

@@ -17,7 +17,11 @@ the hyperparameters λ as graph inputs. A method then needs one thing:
   with ``(I - ∂u/∂w)^{-1}`` from a pluggable solver (:mod:`linear_solvers`:
   a truncated Neumann series of ``rollback_distance`` terms, as in the
   paper, or conjugate gradients). ``∂L_V/∂λ`` (the direct term) is zero for
-  weight-update hyperparameters and is not computed.
+  weight-update hyperparameters and is not computed. With an optimiser that
+  has a closed-form ``linearisation`` (SGD), the products with ``∂u/∂w`` and
+  ``∂u/∂λ`` are formulas in the Hessian-vector product ``H x``, so only the
+  training gradient is recorded (``unroll(..., linearise=True)``) and each
+  Neumann term costs one double-backward through that gradient.
 * ``Baydin`` (hypergradient descent, 2018): the greedy one-term case,
   ``∂L_V(w_1)/∂w_1 · ∂u/∂λ``; for plain SGD on the learning rate this is
   ``-∇L_V(w_1) · ∇L_T(w_0)``.
@@ -52,6 +56,8 @@ class Window:
     # weights -> ∇L_V(weights) on the same batch as ``validation_loss``; the
     # engine supplies a faster one than differentiating ``validation_loss``.
     validation_gradient: Callable = None
+    # v -> H v, the training loss's Hessian at ``start`` (linearised windows)
+    hessian_product: Callable = None
 
 
 def leaves(weights):
@@ -68,34 +74,62 @@ def unroll(start, state, optimiser, hyperparameters, training_loss, batches, lin
     :class:`Window`'s ``validation_loss`` is filled in by the caller.
 
     ``linearise=True`` (one batch, an optimiser with a closed-form
-    ``linearisation``) records only the training gradient: the update itself
-    runs without a graph, and the implicit method uses the closed-form
-    Jacobian products and transform derivatives instead of autograd.
+    ``linearisation``) records only the training gradient: see
+    :func:`linearised`.
     """
-    state = {key: _detach(value) for key, value in state.items()}
     single = len(batches) == 1 and optimiser.linearisation is not None
-    if linearise and not single:
-        raise ValueError("linearise=True needs one batch and an optimiser with a linearisation")
-    natural = hyperparameters.natural_detached() if linearise else hyperparameters.natural()
+    if linearise:
+        if not single:
+            raise ValueError("linearise=True needs one batch and an optimiser with a "
+                             "linearisation")
+
+        def gradient(weights):
+            loss = training_loss(weights, batches[0])
+            return loss.detach(), torch.autograd.grad(loss, weights, create_graph=True)
+
+        return linearised(start, state, optimiser, hyperparameters, gradient)
+    state = {key: _detach(value) for key, value in state.items()}
+    natural = hyperparameters.natural()
     weights, linearisation = start, None
     losses = []
     for batch in batches:
         loss = training_loss(weights, batch)
         grads = torch.autograd.grad(loss, weights, create_graph=True)
-        if linearise:
-            with torch.no_grad():
-                end, new_state = optimiser.update(weights, grads, state, natural)
-            linearisation = optimiser.linearisation(weights, grads, state, natural, new_state)
-            weights, state = end, new_state
-        else:
-            if single:
-                linearisation = optimiser.linearisation(weights, grads, state, natural)
-            weights, state = optimiser.update(weights, grads, state, natural)
+        if single:
+            linearisation = optimiser.linearisation(weights, grads, state, natural)
+        weights, state = optimiser.update(weights, grads, state, natural)
         losses.append(loss.detach())
+    return _window(start, weights, state, hyperparameters, losses, grads, linearisation, natural)
+
+
+def linearised(weights, state, optimiser, hyperparameters, gradient, hessian_product=None):
+    """A one-update window for the closed-form implicit methods, with no
+    graph through the update itself.
+
+    ``gradient(weights) -> (loss, ∇L_T)`` gives the training gradient, with
+    a graph to ``weights`` when ``hessian_product`` (``v -> H v``) is
+    omitted: the products are then double-backwards through that gradient.
+    Compiled steps (:mod:`compiled`) pass a functional ``hessian_product``
+    instead. The update runs without a graph; the Jacobian products come
+    from the optimiser's ``linearisation`` and the transforms' derivatives.
+    """
+    state = {key: _detach(value) for key, value in state.items()}
+    natural = hyperparameters.natural_detached()
+    loss, grads = gradient(weights)
+    with torch.no_grad():
+        end, new_state = optimiser.update(weights, grads, state, natural)
+    linearisation = optimiser.linearisation(weights, grads, state, natural, new_state)
+    window = _window(weights, end, new_state, hyperparameters, [loss], grads, linearisation,
+                     natural)
+    window.hessian_product = hessian_product or (lambda vector: _vjp(grads, weights, vector))
+    return window
+
+
+def _window(start, end, state, hyperparameters, losses, grads, linearisation, natural):
     with torch.no_grad():
         natural_values = {name: (tuple(v.detach() for v in value) if isinstance(value, tuple)
                                  else value.detach()) for name, value in natural.items()}
-    return Window(start, weights, state, hyperparameters.leaves(), None, losses,
+    return Window(start, end, state, hyperparameters.leaves(), None, losses,
                   last_grads=grads, linearisation=linearisation,
                   natural_vjp=lambda cotangents: hyperparameters.natural_vjp(cotangents,
                                                                              natural_values),
@@ -177,7 +211,8 @@ class Implicit:
         if self.closed_form and window.linearisation is not None:
             return self._with_closed_form(window, validation_grad)
         if window.end[0].grad_fn is None:
-            raise ValueError("closed_form=False needs a window recorded with linearise=False")
+            raise ValueError("closed_form=False needs a window recorded with linearise=False "
+                             "(the update's own graph)")
         # v ↦ v ∂u/∂w is one double-backward through the recorded update.
         inverse_product, self.trajectory = self.solve(
             lambda v: _vjp(window.end, window.start, v), validation_grad,
@@ -189,10 +224,8 @@ class Implicit:
         products and the transforms' closed-form derivatives: only ``H x``
         needs autograd (through the gradient alone)."""
         weight_product, hyperparameter_products = window.linearisation
-
-        def hessian_product(vector):
-            return _vjp(window.last_grads, window.start, vector)
-
+        hessian_product = window.hessian_product or (
+            lambda vector: _vjp(window.last_grads, window.start, vector))
         inverse_product, self.trajectory = self.solve(
             lambda v: weight_product(v, hessian_product), validation_grad,
             self.rollback_distance)

@@ -187,8 +187,11 @@ def run_training(cfg, run_dir, device, dtype, progress, save, load):
     tracker = Tracker(run_dir, purge_step=trainer.weight_step if resume_from else None)
     if not resume_from:
         tracker.hparams(hparam_summary(cfg), ["Loss/Test", "Loss/Validation", "Loss/Training"])
+    compile_time = trainer.warm_up()  # compile: true compiles here, outside the timed loop
     status = run_loop(trainer, cfg, tracker, checkpoint_path, progress, wall_time)
-    return finish(trainer, cfg, tracker, status, run_dir, save)
+    results = finish(trainer, cfg, tracker, status, run_dir, save)
+    results["compile_time_s"] = compile_time
+    return results
 
 
 def run_loop(trainer, cfg, tracker, checkpoint_path, progress, wall_time):

@@ -1,18 +1,23 @@
 """Weight steps per second of Random, Ours_LR_Momentum and DiffThroughOpt.
 
-    python bench/speed.py [--device cpu|cuda] [--threads 1] [--repeats 3]
+    python bench/speed.py [--device cpu|cuda] [--threads 1] [--repeats 30]
+                          [--hyperparameter-steps 10] [--whole-runs 3] [--compile]
 
 Workloads: UCI energy (MLP 8-50-1, full batch of 614; real data from
 $HYPERGRAD_DATA) and a Fashion-MNIST-shaped one (MLP 784-50-10, batch 50,
-synthetic data of that shape). Algorithms are interleaved and each is timed
-``--repeats`` times (best taken), so the Ours/Random ratio comes from one run
-under the same machine load. Also times a whole 4,000-step UCI-energy
-Ours_LR_Momentum run through ``train.main`` (its ``wall_time_s``: the training
-loop, logging included), and the *autograd floor* of each workload: the
-ratio Ours_LR_Momentum would reach if its hyperparameter step did nothing but
-the autograd work the paper's algorithm requires.
+synthetic data of that shape). Each algorithm is timed over ``--repeats``
+short blocks of ``--hyperparameter-steps`` hyperparameter steps, the
+algorithms interleaved block by block and the fastest block taken, so the
+Ours/Random ratio comes from one run under the same machine load. Also times
+whole 4,000-step UCI-energy Random and Ours_LR_Momentum runs through
+``train.main`` (their ``wall_time_s``: the training loop, logging included),
+and the *autograd floor* of each workload: the ratio Ours_LR_Momentum would
+reach if its hyperparameter step did nothing but the autograd work the
+paper's algorithm requires. ``--compile`` runs Random and Ours_LR_Momentum
+with ``compile: true`` (compilation before the timed loops).
 """
 import argparse
+import math
 import sys
 import tempfile
 import time
@@ -30,6 +35,7 @@ from datasets import Data  # noqa: E402
 from engine import Problem, Trainer  # noqa: E402
 
 ALGORITHMS = ["Random", "Ours_LR_Momentum", "DiffThroughOpt"]
+COMPILABLE = {"Random", "Ours_LR_Momentum"}  # the unrolled method is not compiled
 
 
 def fashion_mnist_shaped(device):
@@ -45,37 +51,42 @@ def fashion_mnist_shaped(device):
                 name="FashionMNIST-shaped").to(device)
 
 
-def make_trainer(dataset_file, algorithm, device, data=None):
+def make_trainer(dataset_file, algorithm, device, data=None, compile=False):
     cfg = train.prepare(config.load([ROOT / "configs" / dataset_file,
                                      ROOT / "configs" / f"{algorithm}.yaml"],
-                                    {"device": str(device)}))
+                                    {"device": str(device), "compile": compile}))
     if data is None:
         problem = train.load_problem(cfg, device, torch.float32)
     else:
         import models
         model = models.build_model(cfg["model"], data).to(device)
         problem = Problem(model, models.build_loss(cfg["loss"]), data)
-    return Trainer(cfg, problem, device, torch.float32)
+    trainer = Trainer(cfg, problem, device, torch.float32)
+    trainer.warm_up()
+    return trainer
 
 
-def steps_per_second(trainer, hyperparameter_steps):
-    trainer.step()  # warm-up
-    if trainer.weights[0].is_cuda:
-        torch.cuda.synchronize()
+def seconds_per_block(trainer, hyperparameter_steps):
+    """Wall time of ``hyperparameter_steps`` consecutive hyperparameter steps."""
+    synchronise = torch.cuda.synchronize if trainer.weights[0].is_cuda else (lambda: None)
+    synchronise()
     start = time.perf_counter()
     for _ in range(hyperparameter_steps):
         trainer.step()
     trainer.weights[0].sum().item()  # wait for queued work
-    elapsed = time.perf_counter() - start
-    return hyperparameter_steps * trainer.network_weight_steps / elapsed
+    return time.perf_counter() - start
 
 
-def mean_microseconds(function, count=200):
+def best_microseconds(function, count=50, repeats=7):
+    """Best mean over ``repeats`` blocks of ``count`` calls."""
     function()
-    start = time.perf_counter()
-    for _ in range(count):
-        function()
-    return (time.perf_counter() - start) / count * 1e6
+    best = math.inf
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(count):
+            function()
+        best = min(best, (time.perf_counter() - start) / count * 1e6)
+    return best
 
 
 def autograd_floor(trainer):
@@ -89,23 +100,28 @@ def autograd_floor(trainer):
     batch = trainer.training_batch()
     validation = trainer.validation_batch()
 
-    def record():
-        return hypergradients.unroll(trainer.problem.install(trainer.weights), trainer.state,
-                                     trainer.optimiser, trainer.hyperparameters,
-                                     trainer.problem.loss, [batch], linearise=True)
-
-    window = record()
+    if trainer.compiled is not None:
+        window = trainer.compiled_window(batch, validation)
+        record = lambda: trainer.compiled.gradient(trainer.weights, *batch)  # noqa: E731
+    else:
+        def record():
+            return hypergradients.unroll(trainer.problem.install(trainer.weights),
+                                         trainer.state, trainer.optimiser,
+                                         trainer.hyperparameters, trainer.problem.loss, [batch],
+                                         linearise=True)
+        window = record()
+        window.validation_gradient = (
+            lambda w: trainer.problem.validation_gradient(w, validation))
     end = tuple(w.detach() for w in window.end)
-    vector = trainer.problem.validation_gradient(end, validation)
+    vector = window.validation_gradient(end)
     products = trainer.method.rollback_distance - 1
     parts = {
-        "recorded step": mean_microseconds(record),
-        "validation gradient": mean_microseconds(
-            lambda: trainer.problem.validation_gradient(end, validation)),
-        f"{products} Hessian-vector products": products * mean_microseconds(
-            lambda: hypergradients._vjp(window.last_grads, window.start, vector)),
+        "recorded step": best_microseconds(record),
+        "validation gradient": best_microseconds(lambda: window.validation_gradient(end)),
+        f"{products} Hessian-vector products": products * best_microseconds(
+            lambda: window.hessian_product(vector)),
     }
-    fast = mean_microseconds(lambda: trainer.weight_step_(natural))
+    fast = best_microseconds(lambda: trainer.weight_step_(natural))
     steps = trainer.network_weight_steps
     floor = ((steps - 1) * fast + sum(parts.values())) / (steps * fast)
     return fast, parts, floor
@@ -115,8 +131,14 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--hyperparameter-steps", type=int, default=100)
+    parser.add_argument("--repeats", type=int, default=30,
+                        help="interleaved timing blocks per algorithm (best taken)")
+    parser.add_argument("--hyperparameter-steps", type=int, default=10,
+                        help="hyperparameter steps per timing block")
+    parser.add_argument("--compile", action="store_true",
+                        help="compile: true for Random and Ours_LR_Momentum")
+    parser.add_argument("--whole-runs", type=int, default=3,
+                        help="whole 4,000-step runs per algorithm (best taken)")
     arguments = parser.parse_args()
     torch.set_num_threads(arguments.threads)
     device = torch.device(arguments.device)
@@ -125,27 +147,42 @@ def main():
                      ("fashion_mnist.yaml", fashion_mnist_shaped(device))}
     print(f"device {device}, {torch.get_num_threads()} thread(s), torch {torch.__version__}")
     for label, (dataset_file, data) in workloads.items():
-        best = {name: 0.0 for name in ALGORITHMS}
+        # Short blocks, interleaved, best of many: robust to the bursts of
+        # contention a shared machine has, and the same conditions for all.
+        trainers = {name: make_trainer(dataset_file, name, device, data,
+                                       compile=arguments.compile and name in COMPILABLE)
+                    for name in ALGORITHMS}
+        for trainer in trainers.values():
+            seconds_per_block(trainer, 3)  # warm-up
+        fastest = {name: math.inf for name in ALGORITHMS}
         for _ in range(arguments.repeats):
-            for name in ALGORITHMS:
-                trainer = make_trainer(dataset_file, name, device, data)
-                best[name] = max(best[name], steps_per_second(trainer,
-                                                              arguments.hyperparameter_steps))
+            for name, trainer in trainers.items():
+                fastest[name] = min(fastest[name],
+                                    seconds_per_block(trainer, arguments.hyperparameter_steps))
+        best = {name: arguments.hyperparameter_steps * trainers[name].network_weight_steps
+                / fastest[name] for name in ALGORITHMS}
         print(f"\n{label}")
         for name in ALGORITHMS:
-            print(f"  {name:18s} {best[name]:9.0f} weight steps/s   "
+            label = name + (" (eager)" if arguments.compile and name not in COMPILABLE else "")
+            print(f"  {label:26s} {best[name]:9.0f} weight steps/s   "
                   f"time ratio to Random {best['Random'] / best[name]:.2f}x")
-        fast, parts, floor = autograd_floor(make_trainer(dataset_file, "Ours_LR_Momentum",
-                                                         device, data))
+        fast, parts, floor = autograd_floor(trainers["Ours_LR_Momentum"])
         print(f"  autograd floor of Ours_LR_Momentum: {floor:.2f}x  (ordinary step {fast:.0f} us; "
               + ", ".join(f"{name} {value:.0f} us" for name, value in parts.items()) + ")")
-    with tempfile.TemporaryDirectory() as log_root:
-        results = train.main(["configs/uci_energy.yaml", "configs/Ours_LR_Momentum.yaml"],
-                             {"device": str(device)}, log_root=log_root, progress=False)
-    print(f"\nwhole UCI-energy Ours_LR_Momentum run: {results['network_weight_steps_done']} "
-          f"weight steps, training loop {results['wall_time_s']:.2f} s "
-          f"(logging every 100 steps included), final test loss "
-          f"{results['final']['Loss/Test']:.4f}")
+    for algorithm in ("Random", "Ours_LR_Momentum"):
+        runs = []
+        for _ in range(arguments.whole_runs):
+            with tempfile.TemporaryDirectory() as log_root:
+                runs.append(train.main(["configs/uci_energy.yaml", f"configs/{algorithm}.yaml"],
+                                       {"device": str(device), "compile": arguments.compile},
+                                       log_root=log_root, progress=False))
+        times = sorted(run["wall_time_s"] for run in runs)
+        print(f"\nwhole UCI-energy {algorithm} run: {runs[0]['network_weight_steps_done']} "
+              f"weight steps, training loop {times[0]:.2f} s best of {len(times)} "
+              f"(all: {', '.join(f'{t:.2f}' for t in times)}; logging every 100 steps "
+              f"included), final test loss {runs[0]['final']['Loss/Test']:.4f}"
+              + (f", compilation before the loop {runs[0]['compile_time_s']:.1f} s"
+                 if arguments.compile else ""))
 
 
 if __name__ == "__main__":
