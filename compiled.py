@@ -21,6 +21,7 @@ still reproducible and resumes bit for bit. Compilation happens in
 is reported separately. Models with buffers (batch norm) and the unrolled
 method are not compiled.
 """
+import logging
 import time
 
 import torch
@@ -56,6 +57,8 @@ class CompiledSteps:
             _, pullback = vjp(lambda w: grad(loss)(w, inputs, targets), weights)
             return pullback(vector)[0]
 
+        # inductor looks for a CUDA toolkit even on CPU and warns when it finds none
+        logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
         compile_ = lambda function: torch.compile(function, dynamic=False)  # noqa: E731
         self.weight_step = compile_(weight_step)
         self.gradient = compile_(gradient)

@@ -187,7 +187,12 @@ def run_training(cfg, run_dir, device, dtype, progress, save, load):
     tracker = Tracker(run_dir, purge_step=trainer.weight_step if resume_from else None)
     if not resume_from:
         tracker.hparams(hparam_summary(cfg), ["Loss/Test", "Loss/Validation", "Loss/Training"])
+    if trainer.compiled is not None and progress:
+        print("compile: true: compiling before training (about 20 s the first time on a CPU, "
+              "a few seconds with a warm cache) ...", file=sys.stderr, flush=True)
     compile_time = trainer.warm_up()  # compile: true compiles here, outside the timed loop
+    if trainer.compiled is not None and progress:
+        print(f"compiled in {compile_time:.1f} s", file=sys.stderr, flush=True)
     status = run_loop(trainer, cfg, tracker, checkpoint_path, progress, wall_time)
     results = finish(trainer, cfg, tracker, status, run_dir, save)
     results["compile_time_s"] = compile_time
