@@ -243,3 +243,34 @@ def test_the_papers_config_dicts_layout_is_accepted(tmp_path):
                           "    momentum: 0.9\n    weight_decay: -5.85\n")
     cfg = config.load([CONFIGS / "digits.yaml", CONFIGS / "Random.yaml", paper_init])
     assert cfg["network_weight"]["lr"] == -2.75 and cfg["network_weight"]["class"] == "SGD"
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["lstm_cells", "nn_LSTM"])
+def test_language_model_trains_with_implicit_hypergradients(tmp_path, fused):
+    """Ours_LR_Momentum on a tiny Penn-Treebank-format corpus with the LSTM
+    language model (tied weights, dropout): the twin model used for the
+    validation gradient must share the tied parameters and run dropout."""
+    folder = tmp_path / "penn_treebank"
+    folder.mkdir()
+    words = "the cat sat on the mat and the dog ran to the cat".split()
+    generator = torch.Generator().manual_seed(0)
+    lines = [" ".join(words[i] for i in torch.randint(0, len(words), (12,), generator=generator))
+             for _ in range(60)]
+    (folder / "ptb.train.txt").write_text("\n".join(lines[:40]) + "\n")
+    (folder / "ptb.valid.txt").write_text("\n".join(lines[40:50]) + "\n")
+    (folder / "ptb.test.txt").write_text("\n".join(lines[50:]) + "\n")
+
+    def run(hyperparameter_steps):
+        return train.main(
+            [CONFIGS / "penn_treebank.yaml", CONFIGS / "Ours_LR_Momentum.yaml"],
+            {"data_root": str(tmp_path), "dataset.sequence_length": 6, "batch_size": 8,
+             "model.embedding_size": 16, "model.hidden_size": 16, "model.fused": fused,
+             "network_weight.lr": -0.5, "hyperparameter_steps": hyperparameter_steps,
+             "network_weight_steps": 5, "log_interval": 10, "device": "cpu"},
+            log_root=tmp_path / "runs", progress=False)
+
+    untrained, results = run(0), run(4)
+    assert results["status"] == "finished"
+    assert math.isfinite(results["final"]["Loss/Test"])
+    assert results["final"]["Loss/Training"] < untrained["final"]["Loss/Training"] - 0.05
+    assert results["hyperparameters"]["lr"] != pytest.approx(10 ** -0.5, rel=1e-3)
