@@ -12,12 +12,13 @@ one step each (a lower bound). Compilation time is printed too: it is paid
 once per process.
 """
 import argparse
-import math
 import time
 
 import torch
 import torch.nn.functional as F
 from torch.func import grad, jvp, vjp
+
+from speed import best_microseconds
 
 
 def loss(weights, inputs, targets):
@@ -39,17 +40,6 @@ def hvp_forward_over_reverse(weights, vector, inputs, targets):
 def hvp_reverse_over_reverse(weights, vector, inputs, targets):
     _, pullback = vjp(lambda w: grad(loss)(w, inputs, targets), weights)
     return pullback(vector)[0]
-
-
-def best_microseconds(function, count=200, repeats=7):
-    function()
-    best = math.inf
-    for _ in range(repeats):
-        start = time.perf_counter()
-        for _ in range(count):
-            function()
-        best = min(best, (time.perf_counter() - start) / count * 1e6)
-    return best
 
 
 def compiled(function, *arguments):
