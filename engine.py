@@ -226,7 +226,6 @@ class Trainer:
                             f"optimised but hypergradient.class is None")
         self.state = self.optimiser.init(self.weights)
         self.initial_weights, self.initial_state = self.weights, self.state
-        self.device = device
         self.compiled = self.build_compiled() if config["compile"] else None
         seed = config["seed"]
         batch_size = config["batch_size"]
@@ -332,8 +331,8 @@ class Trainer:
         batches = []
         for split, sampler in (("training", self.training_sampler),
                                (self.validation_split, self.validation_sampler)):
-            size = sampler.batch_size if sampler.batch_size < sampler.size else None
-            indices = None if size is None else torch.arange(size, device=self.device)
+            indices = (torch.arange(sampler.batch_size, device=self.weights[0].device)
+                       if sampler.batch_size < sampler.size else None)
             batches.append(self.problem.batch(split, indices))
         return self.compiled.warm_up(self.weights, self.state,
                                      self.hyperparameters.natural_detached(), batches,

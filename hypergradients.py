@@ -119,21 +119,22 @@ def linearised(weights, state, optimiser, hyperparameters, gradient, hessian_pro
     with torch.no_grad():
         end, new_state = optimiser.update(weights, grads, state, natural)
     linearisation = optimiser.linearisation(weights, grads, state, natural, new_state)
-    window = _window(weights, end, new_state, hyperparameters, [loss], grads, linearisation,
-                     natural)
-    window.hessian_product = hessian_product or (lambda vector: _vjp(grads, weights, vector))
-    return window
+    return _window(weights, end, new_state, hyperparameters, [loss], grads, linearisation,
+                   natural, hessian_product)
 
 
-def _window(start, end, state, hyperparameters, losses, grads, linearisation, natural):
-    with torch.no_grad():
-        natural_values = {name: (tuple(v.detach() for v in value) if isinstance(value, tuple)
-                                 else value.detach()) for name, value in natural.items()}
+def _window(start, end, state, hyperparameters, losses, grads, linearisation, natural,
+            hessian_product=None):
+    """A :class:`Window`; a one-update window with a ``linearisation`` gets
+    a Hessian-vector product (by default a double backward through ``grads``)."""
+    natural_values = {name: _detach(value) for name, value in natural.items()}
+    if linearisation is not None and hessian_product is None:
+        hessian_product = lambda vector: _vjp(grads, start, vector)  # noqa: E731
     return Window(start, end, state, hyperparameters.leaves(), None, losses,
                   last_grads=grads, linearisation=linearisation,
                   natural_vjp=lambda cotangents: hyperparameters.natural_vjp(cotangents,
                                                                              natural_values),
-                  optimised=tuple(hyperparameters.optimised))
+                  optimised=tuple(hyperparameters.optimised), hessian_product=hessian_product)
 
 
 def _detach(value):
@@ -224,10 +225,8 @@ class Implicit:
         products and the transforms' closed-form derivatives: only ``H x``
         needs autograd (through the gradient alone)."""
         weight_product, hyperparameter_products = window.linearisation
-        hessian_product = window.hessian_product or (
-            lambda vector: _vjp(window.last_grads, window.start, vector))
         inverse_product, self.trajectory = self.solve(
-            lambda v: weight_product(v, hessian_product), validation_grad,
+            lambda v: weight_product(v, window.hessian_product), validation_grad,
             self.rollback_distance)
         return window.natural_vjp(hyperparameter_products(inverse_product, window.optimised))
 
