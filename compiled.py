@@ -32,9 +32,12 @@ from errors import UserError
 
 
 class CompiledSteps:
-    """The compiled functions for one model, loss and weight optimiser."""
+    """The compiled functions for one model, loss and weight optimiser (and,
+    for a fused hyperparameter step, the hypergradient method and the
+    hyperparameters' transforms)."""
 
-    def __init__(self, problem, optimiser, where="compile"):
+    def __init__(self, problem, optimiser, where="compile", method=None, hyperparameters=None,
+                 apply_hypergradients=None, stateful=()):
         if problem.buffers:
             raise UserError(f"{where}: true is not supported for models with buffers "
                             f"({', '.join(problem.buffers)}); use compile: false")
@@ -64,21 +67,79 @@ class CompiledSteps:
         self.weight_step = compile_(weight_step)
         self.gradient = compile_(gradient)
         self.hessian_product = compile_(hessian_product)
+        self.hyperparameter_step = None
+        self.stateful = stateful  # what the fused step updates in place
+        if fusable(method, optimiser):
+            self.hyperparameter_step = torch.compile(
+                fused_hyperparameter_step(loss, optimiser, method, hyperparameters,
+                                          apply_hypergradients),
+                dynamic=False, fullgraph=True)
 
     def warm_up(self, weights, state, natural, batches, hessian=True):
-        """Compile every function for the shapes of ``batches`` (a training
-        and a validation batch) by calling it on copies; nothing in the run's
-        state changes. Returns the seconds spent."""
+        """Compile every function the run will call for the shapes of
+        ``batches`` (a training and a validation batch) by calling it on
+        copies; nothing in the run's state changes. Returns the seconds spent."""
         started = time.perf_counter()
         copies, copied_state = copy.deepcopy((weights, state))
         try:
             self.weight_step(copies, copied_state, natural, *batches[0])
-            for batch in batches:
-                self.gradient(copies, *batch)
-            if hessian:  # a vector distinct from the weights, as in the real calls
+            if hessian and self.hyperparameter_step is not None:
+                # it updates the hyperparameters in place: put them back after
+                saved = [(owner, owner.state_dict()) for owner in self.stateful]
+                with torch.no_grad():
+                    self.hyperparameter_step(copies, copied_state, *batches[0], *batches[1])
+                for owner, state in saved:
+                    owner.load_state_dict(state)
+            elif hessian:  # a vector distinct from the weights, as in the real calls
+                for batch in batches:
+                    self.gradient(copies, *batch)
                 self.hessian_product(copies, tuple(w.clone() for w in weights), *batches[0])
         except torch._dynamo.exc.BackendCompilerFailed as error:
             raise UserError(f"compile: torch.compile failed ({type(error.inner_exception).__name__}: "
                             f"{str(error.inner_exception).splitlines()[0][:200]}); "
                             f"use compile: false") from None
         return time.perf_counter() - started
+
+
+def fusable(method, optimiser):
+    """Whether one hyperparameter step compiles into one graph: the
+    closed-form implicit methods with the Neumann solver (conjugate
+    gradients stops on a data-dependent test, which a single graph cannot
+    hold, and runs on the separately compiled products instead)."""
+    return (method is not None and getattr(method, "solver", None) == "neumann"
+            and method.linearises(optimiser))
+
+
+def fused_hyperparameter_step(loss, optimiser, method, hyperparameters, apply_hypergradients):
+    """The whole hyperparameter step of a closed-form implicit method as one
+    function, for :func:`torch.compile` to fuse::
+
+        (weights, state, inputs, targets, validation_inputs, validation_targets)
+            -> (w_1, state_1, L_T(w_0), summary of dL_V/d raw)
+
+    It records ``∇L_T(w_0)`` once as a ``vjp`` and reuses that pullback for
+    every Hessian-vector product of the Neumann series, so the forward and
+    backward pass of the training batch run once, not once per product
+    (as separately compiled products must). The maths is the engine's own,
+    traced, not rewritten: :meth:`hypergradients.Implicit.closed_form_hypergradient`,
+    the optimiser's ``linearisation``,
+    :meth:`hyperparameters.Hyperparameters.natural_vjp`, and
+    ``apply_hypergradients(grads) -> summary`` (the engine's outer optimiser
+    step and clipping, which update the raw hyperparameters in place).
+    Call under ``torch.no_grad()``.
+    """
+    optimised = tuple(hyperparameters.optimised)
+
+    def step(weights, state, inputs, targets, validation_inputs, validation_targets):
+        natural = hyperparameters.natural()
+        grads, pullback, value = vjp(
+            lambda w: grad_and_value(loss)(w, inputs, targets), weights, has_aux=True)
+        end, new_state = optimiser.update(weights, grads, state, natural)
+        linearisation = optimiser.linearisation(weights, grads, state, natural, new_state)
+        validation_grad = grad(loss)(end, validation_inputs, validation_targets)
+        hypergradients, _ = method.closed_form_hypergradient(
+            validation_grad, linearisation, lambda vector: pullback(vector)[0],
+            lambda cotangents: hyperparameters.natural_vjp(cotangents, natural), optimised)
+        return end, new_state, value, apply_hypergradients(hypergradients)
+
+    return step

@@ -248,7 +248,10 @@ class Trainer:
                 f"closed-form implicit methods (Implicit, Baydin) with SGD; "
                 f"{self.config['hypergradient']['class']} with "
                 f"{self.config['network_weight']['class']} runs with compile: false")
-        return CompiledSteps(self.problem, self.optimiser, self.config.where("compile"))
+        return CompiledSteps(self.problem, self.optimiser, self.config.where("compile"),
+                             method=self.method, hyperparameters=self.hyperparameters,
+                             apply_hypergradients=self.apply_hypergradients,
+                             stateful=[self.hyperparameters] + ([self.outer] if self.outer else []))
 
     @property
     def validation_split(self):
@@ -292,6 +295,26 @@ class Trainer:
     def update_hyperparameters(self, recorded):
         batches = [self.training_batch() for _ in range(recorded)]
         validation_batch = self.validation_batch()
+        if self.compiled is not None and self.compiled.hyperparameter_step is not None:
+            with torch.no_grad():  # one fused graph: see compiled.fused_hyperparameter_step
+                self.weights, self.state, self.last_training_loss, self.last_hypergradients = (
+                    self.compiled.hyperparameter_step(self.weights, self.state, *batches[0],
+                                                      *validation_batch))
+        else:
+            grads = self.hypergradient_from_window(batches, validation_batch)
+            self.last_hypergradients = self.apply_hypergradients(grads)
+        self.weight_step += recorded
+
+    def apply_hypergradients(self, grads):
+        """The outer optimiser's step and the clipping; returns the summary
+        logged as ``Hypergradient/*``."""
+        self.outer.step(grads)
+        self.hyperparameters.clip_()
+        return self.summarise_hypergradients(grads)
+
+    def hypergradient_from_window(self, batches, validation_batch):
+        """Record the window, take the method's hypergradient, and move the
+        weights to the window's end."""
         if self.compiled is not None:
             window = self.compiled_window(batches[0], validation_batch)
         else:
@@ -307,10 +330,7 @@ class Trainer:
         self.state = {key: (tuple(v.detach() for v in value) if isinstance(value, tuple)
                             else value.detach()) for key, value in window.state.items()}
         self.last_training_loss = window.training_losses[-1]
-        self.weight_step += recorded
-        self.outer.step(grads)
-        self.hyperparameters.clip_()
-        self.last_hypergradients = self.summarise_hypergradients(grads)
+        return grads
 
     def compiled_window(self, batch, validation_batch):
         """The linearised window of :meth:`update_hyperparameters` from the

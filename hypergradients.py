@@ -191,6 +191,7 @@ class Implicit:
             raise ValueError(f"`rollback_distance` must be a positive integer, "
                              f"got {rollback_distance!r}")
         self.rollback_distance = rollback_distance
+        self.solver = solver
         self.solve = linear_solvers.get_solver(solver)
         self.closed_form = closed_form
         self.trajectory = None
@@ -221,14 +222,23 @@ class Implicit:
         return _vjp(window.end, window.hyperparameters, inverse_product)
 
     def _with_closed_form(self, window, validation_grad):
+        grads, self.trajectory = self.closed_form_hypergradient(
+            validation_grad, window.linearisation, window.hessian_product, window.natural_vjp,
+            window.optimised)
+        return grads
+
+    def closed_form_hypergradient(self, validation_grad, linearisation, hessian_product,
+                                  natural_vjp, optimised):
         """The same computation with the optimiser's closed-form Jacobian
         products and the transforms' closed-form derivatives: only ``H x``
-        needs autograd (through the gradient alone)."""
-        weight_product, hyperparameter_products = window.linearisation
-        inverse_product, self.trajectory = self.solve(
-            lambda v: weight_product(v, window.hessian_product), validation_grad,
+        needs autograd (through the gradient alone). A pure function of its
+        inputs, so :mod:`compiled` traces it into one fused hyperparameter
+        step. Returns ``(raw-leaf gradients, solver trajectory)``."""
+        weight_product, hyperparameter_products = linearisation
+        inverse_product, trajectory = self.solve(
+            lambda v: weight_product(v, hessian_product), validation_grad,
             self.rollback_distance)
-        return window.natural_vjp(hyperparameter_products(inverse_product, window.optimised))
+        return natural_vjp(hyperparameter_products(inverse_product, optimised)), trajectory
 
 
 def _vjp(outputs, inputs, vector=None, retain_graph=True):

@@ -219,11 +219,30 @@ class HyperAdam:
 
     @torch.no_grad()
     def step(self, grads):
+        if torch.compiler.is_compiling():
+            return self._traced_step(grads)
         adam_update(
             self.params, list(grads), self.state["exp_avg"], self.state["exp_avg_sq"], [],
             self.state["step"], fused=self.fused, foreach=False if self.fused else None,
             amsgrad=False, beta1=self.beta1, beta2=self.beta2, lr=self.lr, weight_decay=0.0,
             eps=self.eps, maximize=False)
+
+    def _traced_step(self, grads):
+        """The same update written out for a compiled hyperparameter step
+        (:mod:`compiled`), where the compiler fuses it: the step count stays
+        a tensor (no host sync) and, as in the fused kernel, the bias
+        corrections are taken in double precision (a float32 ``0.999 ** t``
+        would be off by 1e-4 relative at t = 1)."""
+        for param, grad, average, square, step in zip(
+                self.params, grads, self.state["exp_avg"], self.state["exp_avg_sq"],
+                self.state["step"]):
+            step.add_(1)
+            count = step.to(torch.float64)
+            step_size = (self.lr / (1 - self.beta1 ** count)).to(param.dtype)
+            root_correction = (1 - self.beta2 ** count).sqrt().to(param.dtype)
+            average.lerp_(grad, 1 - self.beta1)
+            square.mul_(self.beta2).addcmul_(grad, grad, value=1 - self.beta2)
+            param.sub_(step_size * average / (square.sqrt() / root_correction + self.eps))
 
     def state_dict(self):
         return {key: [t.clone() for t in tensors] for key, tensors in self.state.items()}
@@ -243,7 +262,11 @@ class HyperSGD:
     def __init__(self, params, lr=0.001, momentum=0.0):
         self.params = list(params)
         self.lr, self.momentum = float(lr), float(momentum)
-        self.momentum_buffers = [None] * len(self.params)
+        # Zero buffers from the start (torch.optim starts from a copy of the
+        # first gradient: the same numbers, since 0·momentum + g = g), updated
+        # in place, so the state's tensors never change identity.
+        self.momentum_buffers = ([torch.zeros_like(p) for p in self.params] if self.momentum
+                                 else [None] * len(self.params))
 
     @torch.no_grad()
     def step(self, grads):
@@ -255,6 +278,8 @@ class HyperSGD:
         return {"momentum_buffers": [None if b is None else b.clone()
                                      for b in self.momentum_buffers]}
 
+    @torch.no_grad()
     def load_state_dict(self, state):
-        self.momentum_buffers = [None if b is None else b.clone()
-                                 for b in state["momentum_buffers"]]
+        for buffer, saved in zip(self.momentum_buffers, state["momentum_buffers"]):
+            if buffer is not None:
+                buffer.copy_(saved) if saved is not None else buffer.zero_()
