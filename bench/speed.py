@@ -80,13 +80,22 @@ def seconds_per_block(trainer, hyperparameter_steps):
 
 def best_microseconds(function, count=50, repeats=7):
     """Best mean over ``repeats`` blocks of ``count`` calls."""
-    function()
-    best = math.inf
+    return interleaved_microseconds({"f": function}, count, repeats)["f"]
+
+
+def interleaved_microseconds(functions, count=20, repeats=30):
+    """``{name: best mean µs per call}`` over ``repeats`` rounds, each timing
+    a block of ``count`` calls of every function in turn: the parts of one
+    ratio are measured under the same machine load."""
+    for function in functions.values():
+        function()
+    best = dict.fromkeys(functions, math.inf)
     for _ in range(repeats):
-        start = time.perf_counter()
-        for _ in range(count):
-            function()
-        best = min(best, (time.perf_counter() - start) / count * 1e6)
+        for name, function in functions.items():
+            start = time.perf_counter()
+            for _ in range(count):
+                function()
+            best[name] = min(best[name], (time.perf_counter() - start) / count * 1e6)
     return best
 
 
@@ -114,13 +123,13 @@ def autograd_floor(trainer):
     end = tuple(w.detach() for w in window.end)
     vector = window.validation_gradient(end)
     products = trainer.method.rollback_distance - 1
-    parts = {
-        "recorded step": best_microseconds(record),
-        "validation gradient": best_microseconds(lambda: window.validation_gradient(end)),
-        f"{products} Hessian-vector products": products * best_microseconds(
-            lambda: window.hessian_product(vector)),
-    }
-    fast = best_microseconds(lambda: trainer.weight_step_(natural))
+    parts = interleaved_microseconds({
+        "ordinary step": lambda: trainer.weight_step_(natural),
+        "recorded step": record,
+        "validation gradient": lambda: window.validation_gradient(end),
+        "Hessian-vector product": lambda: window.hessian_product(vector)})
+    fast = parts.pop("ordinary step")
+    parts[f"{products} Hessian-vector products"] = products * parts.pop("Hessian-vector product")
     steps = trainer.network_weight_steps
     floor = ((steps - 1) * fast + sum(parts.values())) / (steps * fast)
     return fast, parts, floor
@@ -138,8 +147,9 @@ def fused_cost(trainer, natural, batch, validation):
             trainer.compiled.hyperparameter_step(trainer.weights, trainer.state, *batch,
                                                  *validation)
 
-    fast = best_microseconds(lambda: trainer.weight_step_(natural))
-    parts = {"fused hyperparameter step": best_microseconds(fused)}
+    parts = interleaved_microseconds({"ordinary step": lambda: trainer.weight_step_(natural),
+                                      "fused hyperparameter step": fused})
+    fast = parts.pop("ordinary step")
     for owner, state in saved:
         owner.load_state_dict(state)
     steps = trainer.network_weight_steps

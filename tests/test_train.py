@@ -274,3 +274,27 @@ def test_language_model_trains_with_implicit_hypergradients(tmp_path, fused):
     assert math.isfinite(results["final"]["Loss/Test"])
     assert results["final"]["Loss/Training"] < untrained["final"]["Loss/Training"] - 0.05
     assert results["hyperparameters"]["lr"] != pytest.approx(10 ** -0.5, rel=1e-3)
+
+
+def test_tracker_writes_every_value_at_its_step(tmp_path):
+    """Scalars of mixed dtypes share one event per step; TensorBoard's reader
+    gives each tag its own series back, in order, with the right values."""
+    from tracking import Tracker
+    tracker = Tracker(tmp_path)
+    written = {"Loss/Training": [], "Accuracy/Test": [], "Hypergradient/Lr": []}
+    for step in range(1, 6):
+        values = {"Loss/Training": torch.tensor(1.0 / step),
+                  "Accuracy/Test": torch.tensor(0.5 + step / 100, dtype=torch.float64),
+                  "Hypergradient/Lr": -0.25 * step}
+        for tag, value in values.items():
+            tracker.scalar(tag, value, step)
+            written[tag].append(float(value))
+        if step % 2 == 0:
+            latest = tracker.flush()
+            assert latest["Hypergradient/Lr"] == -0.25 * step
+    tracker.close()
+    logged = scalars(tmp_path)
+    for tag, values in written.items():
+        events = logged.Scalars(tag)
+        assert [event.step for event in events] == [1, 2, 3, 4, 5]
+        assert [event.value for event in events] == pytest.approx(values, rel=1e-7)
