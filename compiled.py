@@ -3,15 +3,18 @@ pure ``torch.func`` functions, compiled once per run with ``torch.compile``.
 
 At the sizes of the paper's UCI and Fashion-MNIST experiments a step is
 almost all per-operation overhead, which fusion removes (an MLP 8-50-1 step
-on one CPU thread: about 285 µs eager, 110 µs compiled; ``bench/RESULTS.md``).
-Three functions are compiled:
+on one CPU thread runs about twice as fast compiled; ``bench/RESULTS.md``).
+The compiled functions:
 
 * ``weight_step(weights, state, natural, inputs, targets)``: an ordinary
   weight update (gradient + the optimiser's pure ``update``);
-* ``gradient(weights, inputs, targets) -> (loss, ∇L)``: the recorded step's
-  training gradient and the validation gradient;
-* ``hessian_product(weights, vector, inputs, targets) -> H v``: reverse over
-  reverse, for the Neumann series of the closed-form implicit methods
+* ``hyperparameter_step``: for the closed-form implicit methods with the
+  Neumann solver, the whole hyperparameter update as one graph
+  (:func:`fused_hyperparameter_step`);
+* otherwise (``solver: cg``), its pieces: ``gradient(weights, inputs,
+  targets) -> (loss, ∇L)`` for the recorded step's training gradient and the
+  validation gradient, and ``hessian_product(weights, vector, inputs,
+  targets) -> H v`` (reverse over reverse) for the solver
   (:func:`hypergradients.linearised`).
 
 Compiled kernels may sum in a different order than eager ones, so a compiled
@@ -88,16 +91,17 @@ class CompiledSteps:
                 saved = [(owner, owner.state_dict()) for owner in self.stateful]
                 with torch.no_grad():
                     self.hyperparameter_step(copies, copied_state, *batches[0], *batches[1])
-                for owner, state in saved:
-                    owner.load_state_dict(state)
+                for owner, owner_state in saved:
+                    owner.load_state_dict(owner_state)
             elif hessian:  # a vector distinct from the weights, as in the real calls
                 for batch in batches:
                     self.gradient(copies, *batch)
                 self.hessian_product(copies, tuple(w.clone() for w in weights), *batches[0])
-        except torch._dynamo.exc.BackendCompilerFailed as error:
-            raise UserError(f"compile: torch.compile failed ({type(error.inner_exception).__name__}: "
-                            f"{str(error.inner_exception).splitlines()[0][:200]}); "
-                            f"use compile: false") from None
+        except torch._dynamo.exc.TorchDynamoException as error:
+            cause = getattr(error, "inner_exception", None) or error
+            first_line = (str(cause).splitlines() or [""])[0][:200]
+            raise UserError(f"compile: torch.compile failed ({type(cause).__name__}: "
+                            f"{first_line}); use compile: false") from None
         return time.perf_counter() - started
 
 
