@@ -25,6 +25,7 @@ is reported separately. Models with buffers (batch norm) and the unrolled
 method are not compiled.
 """
 import copy
+import functools
 import logging
 import time
 
@@ -66,17 +67,21 @@ class CompiledSteps:
 
         # inductor looks for a CUDA toolkit even on CPU and warns when it finds none
         logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
-        compile_ = lambda function: torch.compile(function, dynamic=False)  # noqa: E731
+        # cpp_wrapper: the kernels and matrix products of a graph are called
+        # from generated C++ rather than Python, which matters at these sizes
+        # (the fused hyperparameter step makes about 60 such calls): it costs
+        # compile time once per process and cache.
+        compile_ = functools.partial(torch.compile, dynamic=False,
+                                     options={"cpp_wrapper": True})
         self.weight_step = compile_(weight_step)
         self.gradient = compile_(gradient)
         self.hessian_product = compile_(hessian_product)
         self.hyperparameter_step = None
         self.stateful = stateful  # what the fused step updates in place
         if fusable(method, optimiser):
-            self.hyperparameter_step = torch.compile(
+            self.hyperparameter_step = compile_(
                 fused_hyperparameter_step(loss, optimiser, method, hyperparameters,
-                                          apply_hypergradients),
-                dynamic=False, fullgraph=True)
+                                          apply_hypergradients), fullgraph=True)
 
     def warm_up(self, weights, state, natural, batches, hessian=True):
         """Compile every function the run will call for the shapes of

@@ -188,7 +188,7 @@ def run_training(cfg, run_dir, device, dtype, progress, save, load):
     if not resume_from:
         tracker.hparams(hparam_summary(cfg), ["Loss/Test", "Loss/Validation", "Loss/Training"])
     if trainer.compiled is not None and progress:
-        print("compile: true: compiling before training (20-40 s the first time on a CPU, "
+        print("compile: true: compiling before training (about 35 s the first time on a CPU, "
               "a few seconds with a warm cache) ...", file=sys.stderr, flush=True)
     compile_time = trainer.warm_up()  # compile: true compiles here, outside the timed loop
     if trainer.compiled is not None and progress:
