@@ -95,3 +95,22 @@ def test_compile_refuses_what_it_does_not_compile(digits_trainer):
         digits_trainer("DiffThroughOpt", compile=True)
     with pytest.raises(UserError, match="compile: true is not supported for models with buffers"):
         digits_trainer("Ours_LR_Momentum", compile=True, **{"model.batch_norm": True})
+
+
+def test_compile_failure_is_one_line(tmp_path):
+    """A model dynamo cannot trace into one graph (``nn.LSTM``) is refused
+    with one line before training, not a traceback or a silent eager run."""
+    folder = tmp_path / "penn_treebank"
+    folder.mkdir()
+    for split, text in (("train", "the cat sat on the mat\n" * 20), ("valid", "the cat sat\n" * 5),
+                        ("test", "the mat sat\n" * 5)):
+        (folder / f"ptb.{split}.txt").write_text(text)
+    with pytest.raises(UserError) as error:
+        train.main([CONFIGS / "penn_treebank.yaml", CONFIGS / "Ours_LR_Momentum.yaml"],
+                   {"data_root": str(tmp_path), "dataset.sequence_length": 4, "batch_size": 4,
+                    "model.embedding_size": 8, "model.hidden_size": 8, "model.fused": True,
+                    "hyperparameter_steps": 1, "device": "cpu", "compile": True},
+                   log_root=tmp_path / "runs", progress=False)
+    message = str(error.value)
+    assert message.startswith("compile: torch.compile failed") and "\n" not in message
+    assert message.endswith("use compile: false")
