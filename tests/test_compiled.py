@@ -52,6 +52,17 @@ def test_compiled_training_matches_eager(algorithm, digits_trainer):
                                        rtol=1e-8, atol=1e-14)
 
 
+def test_fused_steps_hold_no_tensors_across_hyperparameter_steps(digits_trainer):
+    from test_hypergradients import count_tensors
+    trainer = run_steps(seeded(digits_trainer, "Ours_LR_Momentum", dtype="float64",
+                               compile=True), 3)
+    before = count_tensors()
+    for _ in range(10):
+        trainer.step()
+    after = count_tensors()
+    assert after <= before + 2, (before, after)
+
+
 def test_compiled_conjugate_gradients_uses_separate_products(digits_trainer):
     """CG stops on a data-dependent test, which one graph cannot hold: it runs
     on the separately compiled gradient and Hessian-vector product instead,
