@@ -281,5 +281,9 @@ class HyperSGD:
     @torch.no_grad()
     def load_state_dict(self, state):
         for buffer, saved in zip(self.momentum_buffers, state["momentum_buffers"]):
-            if buffer is not None:
-                buffer.copy_(saved) if saved is not None else buffer.zero_()
+            if buffer is None:
+                continue
+            if saved is None:  # a checkpoint written before the buffers were zeros
+                buffer.zero_()
+            else:
+                buffer.copy_(saved)
