@@ -70,9 +70,11 @@ class CompiledSteps:
         # cpp_wrapper: the kernels and matrix products of a graph are called
         # from generated C++ rather than Python, which matters at these sizes
         # (the fused hyperparameter step makes about 60 such calls): it costs
-        # compile time once per process and cache.
+        # compile time once per process and cache. Measured on CPU only, so
+        # other devices keep inductor's default.
+        on_cpu = problem.parameters[0].device.type == "cpu"
         compile_ = functools.partial(torch.compile, dynamic=False,
-                                     options={"cpp_wrapper": True})
+                                     options={"cpp_wrapper": True} if on_cpu else None)
         self.weight_step = compile_(weight_step)
         self.gradient = compile_(gradient)
         self.hessian_product = compile_(hessian_product)
