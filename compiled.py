@@ -24,6 +24,7 @@ still reproducible and resumes bit for bit. Compilation happens in
 is reported separately. Models with buffers (batch norm) and the unrolled
 method are not compiled.
 """
+import contextlib
 import copy
 import functools
 import logging
@@ -80,10 +81,21 @@ class CompiledSteps:
         self.hessian_product = compile_(hessian_product)
         self.hyperparameter_step = None
         self.stateful = stateful  # what the fused step updates in place
-        if fusable(method, optimiser):
-            self.hyperparameter_step = compile_(
+        if fusable(method, optimiser):  # no autograd graph around it: torch.func inside
+            self.hyperparameter_step = torch.no_grad()(compile_(
                 fused_hyperparameter_step(loss, optimiser, method, hyperparameters,
-                                          apply_hypergradients), fullgraph=True)
+                                          apply_hypergradients), fullgraph=True))
+
+    @contextlib.contextmanager
+    def restoring_state(self):
+        """Put back, after the block, what the fused hyperparameter step
+        updates in place (the hyperparameters and the outer optimiser)."""
+        saved = [(owner, owner.state_dict()) for owner in self.stateful]
+        try:
+            yield
+        finally:
+            for owner, state in saved:
+                owner.load_state_dict(state)
 
     def warm_up(self, weights, state, natural, batches, hessian=True):
         """Compile every function the run will call for the shapes of
@@ -94,12 +106,8 @@ class CompiledSteps:
         try:
             self.weight_step(copies, copied_state, natural, *batches[0])
             if hessian and self.hyperparameter_step is not None:
-                # it updates the hyperparameters in place: put them back after
-                saved = [(owner, owner.state_dict()) for owner in self.stateful]
-                with torch.no_grad():
+                with self.restoring_state():
                     self.hyperparameter_step(copies, copied_state, *batches[0], *batches[1])
-                for owner, owner_state in saved:
-                    owner.load_state_dict(owner_state)
             elif hessian:  # a vector distinct from the weights, as in the real calls
                 for batch in batches:
                     self.gradient(copies, *batch)
@@ -137,7 +145,7 @@ def fused_hyperparameter_step(loss, optimiser, method, hyperparameters, apply_hy
     :meth:`hyperparameters.Hyperparameters.natural_vjp`, and
     ``apply_hypergradients(grads) -> summary`` (the engine's outer optimiser
     step and clipping, which update the raw hyperparameters in place).
-    Call under ``torch.no_grad()``.
+    :class:`CompiledSteps` calls it under ``torch.no_grad()``.
     """
     optimised = tuple(hyperparameters.optimised)
 

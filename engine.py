@@ -296,10 +296,10 @@ class Trainer:
         batches = [self.training_batch() for _ in range(recorded)]
         validation_batch = self.validation_batch()
         if self.compiled is not None and self.compiled.hyperparameter_step is not None:
-            with torch.no_grad():  # one fused graph: see compiled.fused_hyperparameter_step
-                self.weights, self.state, self.last_training_loss, self.last_hypergradients = (
-                    self.compiled.hyperparameter_step(self.weights, self.state, *batches[0],
-                                                      *validation_batch))
+            # one fused graph: see compiled.fused_hyperparameter_step
+            self.weights, self.state, self.last_training_loss, self.last_hypergradients = (
+                self.compiled.hyperparameter_step(self.weights, self.state, *batches[0],
+                                                  *validation_batch))
         else:
             grads = self.hypergradient_from_window(batches, validation_batch)
             self.last_hypergradients = self.apply_hypergradients(grads)

@@ -140,18 +140,13 @@ def fused_cost(trainer, natural, batch, validation):
     (:func:`compiled.fused_hyperparameter_step`), timed alone, against an
     ordinary compiled step; the floor is the ratio if nothing else cost
     anything. The hyperparameters it updates are put back afterwards."""
-    saved = [(owner, owner.state_dict()) for owner in trainer.compiled.stateful]
-
-    def fused():
-        with torch.no_grad():
-            trainer.compiled.hyperparameter_step(trainer.weights, trainer.state, *batch,
-                                                 *validation)
-
-    parts = interleaved_microseconds({"ordinary step": lambda: trainer.weight_step_(natural),
-                                      "fused hyperparameter step": fused})
+    compiled = trainer.compiled
+    with compiled.restoring_state():
+        parts = interleaved_microseconds({
+            "ordinary step": lambda: trainer.weight_step_(natural),
+            "fused hyperparameter step": lambda: compiled.hyperparameter_step(
+                trainer.weights, trainer.state, *batch, *validation)})
     fast = parts.pop("ordinary step")
-    for owner, state in saved:
-        owner.load_state_dict(state)
     steps = trainer.network_weight_steps
     return fast, parts, ((steps - 1) * fast + parts["fused hyperparameter step"]) / (steps * fast)
 
