@@ -35,6 +35,7 @@ import logging
 import math
 import sys
 import time
+import warnings
 from pathlib import Path
 
 from tqdm import tqdm
@@ -42,8 +43,14 @@ from tqdm import tqdm
 import config as config_module
 import executors
 import generators
+import processes
+import validate
 from errors import UserError, exit_on_user_error
 from registry import closest
+
+# Ax's dependencies warn about deprecated torch APIs when imported; the warning
+# would print before every one-line error and every summary.
+warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*", category=FutureWarning)
 
 DEFAULT_SEARCH = {
     "trials": 30,
@@ -63,8 +70,8 @@ OBJECTIVE = "validation_loss"
 
 
 def build_parser():
-    parser = executors.CommandLine(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = executors.CommandLine(prog="bayesopt.py", description=__doc__.split("\n\n")[0],
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-c", "--config", nargs="+", required=True, help="config files, stacked in order")
     parser.add_argument("--trials", type=int, help="total trials (default 30)")
     parser.add_argument("--initial", type=int, help="quasi-random trials before the model (default 5)")
@@ -85,8 +92,10 @@ def build_parser():
 def read_search(path, arguments):
     """Search space and budget: command line over ``--search`` YAML over the paper's."""
     search = json.loads(json.dumps(DEFAULT_SEARCH))
+    sources = {}
     if path:
-        data = config_module.read_yaml(path)
+        data = config_module.read_yaml(path, "search file")
+        sources = {key: f"{path}: {key}" for key in data}
         for key in data:
             if key not in DEFAULT_SEARCH:
                 raise UserError(f"{path}: unknown key '{key}'{closest(key, DEFAULT_SEARCH)}; "
@@ -95,12 +104,19 @@ def read_search(path, arguments):
     for key in ("trials", "initial", "parallel", "seed"):
         if getattr(arguments, key) is not None:
             search[key] = getattr(arguments, key)
-    where = path or "command line"
-    for key, lowest in (("trials", 1), ("initial", 1), ("seed", 0)):
-        if not isinstance(search[key], int) or search[key] < lowest:
-            raise UserError(f"{where}: {key} must be an integer >= {lowest}, got {search[key]!r}")
-    if search["parallel"] is not None and (not isinstance(search["parallel"], int) or search["parallel"] < 1):
-        raise UserError(f"{where}: parallel must be an integer >= 1, got {search['parallel']!r}")
+            sources[key] = f"--{key}"
+    where = path or "search"
+    for key, lowest in (("trials", 1), ("initial", 1), ("seed", 0), ("parallel", 1)):
+        value = search[key]
+        if key == "parallel" and value is None:
+            continue
+        if not isinstance(value, int) or isinstance(value, bool) or value < lowest:
+            raise UserError(f"{sources.get(key, key)}: must be an integer >= {lowest}, got {value!r}")
+    if arguments.workers is not None and arguments.workers < 1:
+        raise UserError(f"--workers: must be an integer >= 1, got {arguments.workers}")
+    if not isinstance(search["parameters"], dict):
+        raise UserError(f"{where}: parameters: must be a mapping of dotted config keys to bounds, "
+                        f"got {search['parameters']!r}")
     search["parameters"] = {key: parse_parameter(key, value, where)
                             for key, value in (search["parameters"] or {}).items()}
     if not search["parameters"]:
@@ -110,10 +126,17 @@ def read_search(path, arguments):
 
 def parse_parameter(key, value, where):
     """``[low, high]`` or ``{bounds: [low, high], store: as_is|logit}``."""
-    spec = {"bounds": value} if isinstance(value, list) else dict(value or {})
+    if not isinstance(value, (list, dict)):
+        raise UserError(f"{where}: parameters.{key}: must be [low, high] or {{bounds: [low, high], "
+                        f"store: as_is|logit}}, got {value!r}")
+    spec = {"bounds": value} if isinstance(value, list) else dict(value)
+    for option in spec:
+        if option not in ("bounds", "store"):
+            raise UserError(f"{where}: parameters.{key}: unknown option {option!r}; valid: bounds, store")
     bounds, store = spec.get("bounds"), spec.get("store", "as_is")
     if (not isinstance(bounds, list) or len(bounds) != 2
-            or not all(isinstance(v, (int, float)) for v in bounds) or not bounds[0] < bounds[1]):
+            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                       for v in bounds) or not bounds[0] < bounds[1]):
         raise UserError(f"{where}: parameters.{key}: bounds must be [low, high] with low < high, got {bounds!r}")
     if store not in STORES:
         raise UserError(f"{where}: parameters.{key}: store must be one of {', '.join(STORES)}, got {store!r}")
@@ -174,13 +197,28 @@ def load_or_create(state_path, search, name):
 
     if not state_path.is_file():
         return new_client(search, name)
-    client = Client.load_from_json_file(str(state_path))
+    try:
+        client = Client.load_from_json_file(str(state_path))
+    except Exception as error:  # noqa: BLE001 -- Ax raises many kinds for a broken file
+        raise UserError(f"{state_path}: not a readable Ax experiment ({type(error).__name__}); "
+                        f"use another -g GROUP or remove the file") from None
     saved = {parameter for parameter in client._experiment.search_space.parameters}
     wanted = {ax_name(key) for key in search["parameters"]}
     if saved != wanted:
         raise UserError(f"{state_path}: saved experiment searches {sorted(saved)}, this command "
                         f"{sorted(wanted)}; use another -g GROUP or remove the file")
     return client
+
+
+def check_search_keys(stack, set_overrides, search, path):
+    """Every searched key is a valid config key, at both ends of its range
+    (checked like any other override, blamed on the search file)."""
+    source = f"{path}: parameters" if path else "search parameters"
+    for end in (0, 1):
+        trial = {key: generators.logit(spec["bounds"][end]) if spec["store"] == "logit"
+                 else spec["bounds"][end] for key, spec in search["parameters"].items()}
+        overrides = [(key, value, source) for key, value in trial.items()]
+        validate.check(config_module.load(stack, overrides + list(set_overrides.items())))
 
 
 def trial_statuses(client):
@@ -196,9 +234,14 @@ class Optimisation:
         self.stack = [str(Path(path).resolve()) for path in options.config]
         self.set_overrides = dict(config_module.normalise_overrides(options.set))
         resolved = config_module.load(self.stack, self.set_overrides)
+        validate.check(resolved)
+        check_search_keys(self.stack, self.set_overrides, search, options.search)
         self.algorithm = resolved["algorithm"]
         self.penalty = float(resolved["divergence_penalty"])
-        self.directory = (Path(options.log_root) / options.group / Path(self.stack[0]).stem
+        log_root = Path(options.log_root)
+        if log_root.exists() and not log_root.is_dir():
+            raise UserError(f"-l {log_root}: not a directory")
+        self.directory = (log_root / options.group / Path(self.stack[0]).stem
                           / self.algorithm).resolve()
         self.directory.mkdir(parents=True, exist_ok=True)
         self.state_path = self.directory / STATE_FILE
@@ -341,7 +384,11 @@ def finished_result(run_dir):
 def main(argv=None):
     arguments = build_parser().parse_args(argv)
     search = read_search(arguments.search, arguments)
-    best = Optimisation(arguments, search).run()
+    optimisation = Optimisation(arguments, search)
+    note = (lambda: print(f"{optimisation.directory}: another bayesopt.py is running this campaign; "
+                          f"waiting for it", file=sys.stderr, flush=True)) if arguments.progress else None
+    with processes.run_directory_lock(optimisation.directory, on_wait=note):
+        best = optimisation.run()
     test = best["final"].get("Loss/Test")
     print(f"best of {best['completed_trials']} trials: trial {best['trial']} "
           f"{json.dumps(best['parameters'])} validation loss {best['objective']:.6g}, "

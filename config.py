@@ -17,6 +17,7 @@ unchanged as overrides.
 """
 import copy
 import math
+import re
 from pathlib import Path
 
 import yaml
@@ -25,6 +26,7 @@ from errors import UserError
 from registry import closest
 
 COMMAND_LINE = "--set"
+FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
 def _integer(value):
@@ -75,8 +77,9 @@ SCHEMA = {
     "log_interval": (lambda v: _integer(v) and v >= 1, "an integer >= 1 (weight steps)", 100),
     "checkpoint_every": (lambda v: _integer(v) and v >= 0, "an integer >= 0 (0: never)", 0),
     "divergence_penalty": (lambda v: _number(v), "a finite number", 1.0e10),
-    "seed": (lambda v: _integer(v) and v >= 0, "an integer >= 0", 0),
-    "device": (_optional(lambda v: isinstance(v, str)), "cpu, cuda or cuda:N", None),
+    "seed": (lambda v: _integer(v) and 0 <= v < 2 ** 62, "an integer in [0, 2**62)", 0),
+    "device": (_optional(lambda v: isinstance(v, str) and re.fullmatch(r"cpu|cuda(:\d+)?", v)),
+               "cpu, cuda or cuda:N", None),
     "dtype": (lambda v: v in ("float32", "float64"), "float32 or float64", "float32"),
     "compile": (lambda v: isinstance(v, bool), "true or false", False),
     "data_root": (_optional(lambda v: isinstance(v, str)), "a directory", None),
@@ -114,16 +117,60 @@ class Config(dict):
         return "defaults"
 
     def where(self, dotted_key):
-        return f"{self.origin(dotted_key)}: {dotted_key}"
+        return Location(self, dotted_key)
 
 
-def read_yaml(path):
+class Location(str):
+    """``"<file>: <dotted key>"``, the place a message names, that can name a
+    key below it: ``where.child('layer_size')`` blames the file that set
+    ``model.layer_size`` (a typo in ``my.yaml``), not the one that created
+    ``model`` (``configs/digits.yaml``)."""
+
+    def __new__(cls, config, dotted_key):
+        location = super().__new__(cls, f"{config.origin(dotted_key)}: {dotted_key}")
+        location.config, location.dotted_key = config, dotted_key
+        return location
+
+    def child(self, key):
+        return Location(self.config, f"{self.dotted_key}.{key}")
+
+
+def locate(config, message):
+    """Prefix the source of the key a message starts with (``teaching.steps: ...``
+    -> ``my.yaml: teaching.steps: ...``), for checks deep inside that only
+    know the key."""
+    key = message.split(":", 1)[0].strip()
+    if " " in key or key.split(".")[0] not in SCHEMA:
+        return message
+    return f"{config.origin(key)}: {message}"
+
+
+def read_text(path, what="config file"):
+    """A text file's contents; a one-line :class:`UserError` for a missing,
+    unreadable, binary or non-UTF-8 file."""
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{path}: is a directory, not a {what}")
+    if not path.is_file():
+        raise UserError(f"{path}: {what} not found")
+    try:
+        raw = path.read_bytes()
+    except OSError as error:
+        raise UserError(f"{path}: cannot read the {what} ({error.strerror})") from None
+    if b"\0" in raw:
+        raise UserError(f"{path}: a binary file, not a YAML {what}")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise UserError(f"{path}: not UTF-8 text (byte {error.start}); save the {what} as UTF-8") from None
+
+
+def read_yaml(path, what="config file"):
     """One YAML file as a mapping; a one-line :class:`UserError` otherwise."""
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: config file not found")
+    text = read_text(path, what)
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(text)
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         place = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
@@ -133,14 +180,16 @@ def read_yaml(path):
         return {}
     if not isinstance(data, dict):
         raise UserError(f"{path}: must contain a mapping of keys, got {type(data).__name__}")
-    return flatten_legacy(data)
+    return flatten_legacy(data, path)
 
 
-def flatten_legacy(data):
+def flatten_legacy(data, source=COMMAND_LINE):
     """Accept the paper's layout: keys under ``config_dicts`` move to the top."""
     if "config_dicts" not in data:
         return data
     nested = data.pop("config_dicts") or {}
+    if not isinstance(nested, dict):
+        raise UserError(f"{source}: config_dicts: must be a mapping of keys, got {nested!r}")
     return deep_merge(nested, data)
 
 
@@ -174,6 +223,8 @@ def parse_override(text):
         value = yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError:
         raise UserError(f"{COMMAND_LINE} {text}: value is not valid YAML") from None
+    if isinstance(value, str) and FLOAT.fullmatch(value.strip()):
+        value = float(value)  # YAML 1.1 reads 1e-3 (no dot) as a string
     return key, value
 
 
@@ -196,15 +247,17 @@ def load(sources, overrides=None):
     merged = {}
     for source in sources:
         if isinstance(source, dict):
-            data, name = flatten_legacy(copy.deepcopy(source)), "config"
+            data, name = flatten_legacy(copy.deepcopy(source), "config"), "config"
         else:
             data, name = read_yaml(source), str(source)
+            if not data:
+                raise UserError(f"{name}: empty config file (no keys)")
         check_top_level(data, name)
         merged = deep_merge(merged, data, origins, name)
-    for key, value in normalise_overrides(overrides):
-        data = flatten_legacy(nest(key, value))
-        check_top_level(data, COMMAND_LINE)
-        merged = deep_merge(merged, data, origins, COMMAND_LINE)
+    for key, value, name in with_sources(normalise_overrides(overrides)):
+        data = flatten_legacy(nest(key, value), name)
+        check_top_level(data, name)
+        merged = deep_merge(merged, data, origins, name)
     config = Config(deep_merge(defaults(), merged), origins)
     check(config)
     return config
@@ -218,8 +271,16 @@ def normalise_overrides(overrides):
     return [parse_override(text) if isinstance(text, str) else text for text in overrides]
 
 
+def with_sources(overrides):
+    """``(key, value, source)`` for each override: pairs come from ``--set``;
+    a third item names another source (a flag, an override file)."""
+    return [tuple(item) if len(item) == 3 else (*item, COMMAND_LINE) for item in overrides]
+
+
 def check_top_level(data, source):
     for key in data:
+        if not isinstance(key, str):
+            raise UserError(f"{source}: keys must be names, got {key!r}")
         if key not in SCHEMA:
             raise UserError(f"{source}: unknown key '{key}'{closest(key, SCHEMA)}")
 
@@ -232,7 +293,8 @@ def check(config):
     if "teaching" not in config:
         for key in ("model", "loss", "dataset"):
             if key not in config:
-                raise UserError(f"{key}: missing section (give a dataset config such as "
+                files = ", ".join(dict.fromkeys(config.origins.values())) or "the configs"
+                raise UserError(f"{files}: {key}: missing section (give a dataset config such as "
                                 f"configs/digits.yaml before the algorithm config)")
     for name in config["high_dimensional_hyperparameters"]:
         if name not in config["optimised_hyperparameters"]:

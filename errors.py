@@ -6,6 +6,7 @@ flags, data locations) is checked where it is used; a problem raises
 Entry points catch it, print the line to stderr and exit with status 2, so a
 typo never produces a traceback.
 """
+import argparse
 import functools
 import sys
 
@@ -28,3 +29,11 @@ def exit_on_user_error(function):
             sys.exit(2)
 
     return wrapper
+
+
+class CommandLine(argparse.ArgumentParser):
+    """argparse whose usage errors are :class:`UserError` too: one line, exit 2
+    (every command's ``main`` is wrapped in :func:`exit_on_user_error`)."""
+
+    def error(self, message):
+        raise UserError(f"{self.prog}: {message} (see --help)")

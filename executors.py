@@ -15,7 +15,6 @@ when a job is preempted or times out, submitit calls ``checkpoint()``, which
 requeues the same job; the restarted job calls ``train.main`` with the *same*
 ``run_dir``, and the engine resumes from ``run_dir/checkpoint.pt``.
 """
-import argparse
 import concurrent.futures
 import multiprocessing
 import os
@@ -30,12 +29,16 @@ import cloudpickle
 import submitit
 import yaml
 
-from errors import UserError
+import config as config_module
+import processes
+from errors import CommandLine, UserError  # noqa: F401 -- CommandLine is used by the launchers
 from registry import closest
 
 REPOSITORY = Path(__file__).resolve().parent
 EXECUTORS = ("local", "slurm")
 FAILED = "failed"
+# How long a preempted job waits for the training loop to save its state.
+PREEMPTION_WAIT_S = 60
 SLURM_JOB_FILE = "slurm_job_id"
 
 # Our SLURM YAML keys -> (default, what it becomes for submitit's AutoExecutor).
@@ -59,14 +62,6 @@ SLURM_OPTIONS = {
 }
 
 
-class CommandLine(argparse.ArgumentParser):
-    """argparse whose usage errors are :class:`UserError` too: one line, exit 2
-    (the launchers' ``main`` is wrapped in ``exit_on_user_error``)."""
-
-    def error(self, message):
-        raise UserError(f"{self.prog}: {message} (see --help)")
-
-
 def one_line(error):
     """An exception as one short line, for summaries and error files."""
     text = " ".join(str(error).split())
@@ -87,9 +82,12 @@ def run_training(job):
             torch.set_num_threads(int(threads))
         import train
         results = train.main(job["config"], job.get("overrides") or {}, run_dir=str(run_dir),
-                             name=job.get("name"), group=job.get("group"), progress=False)
+                             name=job.get("name"), group=job.get("group"), progress=False,
+                             skip_if_done=True)
         (run_dir / "error.txt").unlink(missing_ok=True)
         return results
+    except processes.Preempted as preempted:  # state saved; submitit requeues the job
+        return {"status": "preempted", "error": str(preempted), "run_dir": str(run_dir)}
     except Exception as error:  # noqa: BLE001 -- recorded, the fan-out goes on
         run_dir.mkdir(parents=True, exist_ok=True)
         write_atomically(run_dir / "error.txt", traceback.format_exc())
@@ -99,14 +97,23 @@ def run_training(job):
 class TrainingRun(submitit.helpers.Checkpointable):
     """The callable every executor runs: one training run per call.
 
-    ``checkpoint()`` (inherited) resubmits the same call on preemption or
-    time-out; nothing else is needed because the engine checkpoints to the
-    run directory itself and resumes from it when called with the same
-    ``run_dir``.
+    On SLURM, submitit calls ``checkpoint()`` from its handler of the
+    preemption/time-out signal, then requeues the job. The run trains in a
+    thread of its own there, so ``checkpoint()`` can ask the training loop to
+    write its current state at the next hyperparameter step and wait for it
+    (at most ``PREEMPTION_WAIT_S``, else the last periodic checkpoint serves);
+    the requeued job resumes from ``run_dir/checkpoint.pt``.
     """
 
     def __call__(self, job):
+        if os.environ.get("SUBMITIT_EXECUTOR") == "slurm":
+            processes.preemption.reset()
+            return processes.run_in_thread(run_training, job)
         return run_training(job)
+
+    def checkpoint(self, *args, **kwargs):
+        processes.preemption.request_and_wait(PREEMPTION_WAIT_S)
+        return super().checkpoint(*args, **kwargs)
 
 
 def finished(result):
@@ -130,7 +137,9 @@ def write_atomically(path, text):
 def _serve(connection):
     """Main loop of a spawned worker process: run jobs sent by the parent until
     the pipe closes. Reusing the process for many runs pays the torch import
-    once per worker, not once per run."""
+    once per worker, not once per run. The worker dies with its parent, so a
+    killed launcher leaves no run training on behind its back."""
+    processes.die_with_parent(multiprocessing.parent_process().pid)
     while True:
         try:
             payload = connection.recv_bytes()
@@ -237,10 +246,9 @@ def read_slurm_config(source):
     else:
         where = str(source)
         path = Path(source)
-        if not path.is_file():
-            raise UserError(f"{path}: SLURM settings file not found")
+        text = config_module.read_text(path, "SLURM settings file")
         try:
-            data = yaml.safe_load(path.read_text()) or {}
+            data = yaml.safe_load(text) or {}
         except yaml.YAMLError as error:
             raise UserError(f"{path}: malformed YAML: {one_line(error)}") from None
         if not isinstance(data, dict):

@@ -27,6 +27,15 @@ from registry import Registry
 GENERATORS = Registry("generator")
 
 
+class Overrides(dict):
+    """One repetition's overrides; ``source`` names the file they came from
+    (``from_directory``), so a bad key in it is blamed on that file."""
+
+    def __init__(self, values, source=None):
+        super().__init__(values)
+        self.source = source
+
+
 def logit(probability):
     """Inverse of the sigmoid: momentum is stored through it (``momentum: sigmoid``)."""
     probability = min(max(probability, 1e-12), 1 - 1e-12)
@@ -98,8 +107,8 @@ def from_directory(repetitions, seed, directory):
                          f"{len(files)} override files")
     overrides = []
     for path in files[:repetitions]:
-        data = config_module.read_yaml(path)
-        overrides.append(flatten(data))
+        data = config_module.read_yaml(path, "override file")
+        overrides.append(Overrides(flatten(data), source=str(path)))
     return overrides
 
 
@@ -117,13 +126,14 @@ def parse_spec(text):
     return {"class": name}
 
 
-def generate(spec, repetitions, seed=0):
-    """The list of per-repetition override dicts for a generator spec."""
+def generate(spec, repetitions, seed=0, where="generator"):
+    """The list of per-repetition override dicts for a generator spec
+    (``where`` names the flag or file that chose it, for messages)."""
     spec = parse_spec(spec)
     if repetitions is not None and (not isinstance(repetitions, int) or repetitions < 1):
         raise UserError(f"--repetitions must be an integer >= 1, got {repetitions!r}")
     if repetitions is None and spec.get("class") != "from_directory":
         raise UserError("--repetitions is required for generator "
                         f"'{spec.get('class')}' (only from_directory can count its files)")
-    overrides = GENERATORS.build(spec, where="generator", repetitions=repetitions, seed=seed)
-    return [dict(override) for override in overrides]
+    overrides = GENERATORS.build(spec, where=where, repetitions=repetitions, seed=seed)
+    return [Overrides(override, getattr(override, "source", None)) for override in overrides]

@@ -25,6 +25,7 @@ from tqdm import tqdm
 import config as config_module
 import executors
 import generators
+import validate
 from errors import UserError, exit_on_user_error
 from registry import closest
 
@@ -35,8 +36,8 @@ CAMPAIGN_KEYS = ("config", "algorithms", "repetitions", "generator", "seed", "wo
 
 
 def build_parser():
-    parser = executors.CommandLine(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = executors.CommandLine(prog="parallel_exec.py", description=__doc__.split("\n\n")[0],
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-c", "--config", nargs="+", help="dataset/model config files, stacked in order")
     parser.add_argument("--algorithms", nargs="+", help="algorithm names: configs/<Name>.yaml")
     parser.add_argument("--repetitions", type=int, help="initialisations per algorithm")
@@ -55,14 +56,50 @@ def build_parser():
     return parser
 
 
+def _names(value):
+    return isinstance(value, str) or (isinstance(value, list) and bool(value)
+                                      and all(isinstance(item, str) for item in value))
+
+
+def _count(lowest):
+    return lambda value: isinstance(value, int) and not isinstance(value, bool) and value >= lowest
+
+
+# campaign key -> (check, what it must be); null means "the default" where allowed.
+CAMPAIGN_TYPES = {
+    "config": (_names, "a file name or a list of them"),
+    "algorithms": (_names, "an algorithm name or a list of them"),
+    "repetitions": (lambda v: v is None or _count(1)(v), "an integer >= 1"),
+    "generator": (lambda v: isinstance(v, (str, dict)), "a name or a mapping with 'class'"),
+    "seed": (_count(0), "an integer >= 0"),
+    "workers": (lambda v: v is None or _count(1)(v), "an integer >= 1"),
+    "executor": (lambda v: v in executors.EXECUTORS, f"one of {', '.join(executors.EXECUTORS)}"),
+    "slurm": (lambda v: v is None or isinstance(v, (str, dict)), "a SLURM settings file or mapping"),
+    "group": (lambda v: isinstance(v, str) and bool(v), "a directory name"),
+    "log_root": (lambda v: isinstance(v, str) and bool(v), "a directory"),
+    "set": (lambda v: isinstance(v, dict) or (isinstance(v, list) and all(isinstance(i, str) for i in v)),
+            "a mapping of dotted keys to values, or a list of key=value"),
+    "algorithm_dir": (lambda v: isinstance(v, str) and bool(v), "a directory"),
+}
+# The command-line flag of each option, for messages.
+FLAGS = {"config": "-c", "log_root": "-l", "algorithm_dir": "--algorithm-dir"}
+
+
 def read_campaign(path):
-    """Defaults for the command-line options from a campaign YAML file."""
-    data = config_module.read_yaml(path) if path else {}
-    for key in data:
+    """Defaults for the command-line options from a campaign YAML file, type-checked."""
+    data = config_module.read_yaml(path, "campaign file") if path else {}
+    for key, value in data.items():
         if key not in CAMPAIGN_KEYS:
             raise UserError(f"{path}: unknown campaign key '{key}'{closest(key, CAMPAIGN_KEYS)}; "
                             f"valid: {', '.join(CAMPAIGN_KEYS)}")
+        check, expected = CAMPAIGN_TYPES[key]
+        if not check(value):
+            raise UserError(f"{path}: {key}: must be {expected}, got {value!r}")
     return data
+
+
+def flag(key):
+    return FLAGS.get(key, f"--{key.replace('_', '-')}")
 
 
 def resolve_options(arguments):
@@ -72,32 +109,54 @@ def resolve_options(arguments):
                 "log_root": "runs", "set": [], "algorithm_dir": str(REPOSITORY / "configs"),
                 "workers": None, "slurm": None, "repetitions": None}
     options = {**defaults, **campaign}
+    # Where each option came from: a flag, or the campaign file.
+    options["sources"] = {key: str(arguments.campaign) for key in campaign}
     for key in CAMPAIGN_KEYS:
         value = getattr(arguments, key, None)
         if value is not None:
             options[key] = value
+            options["sources"][key] = flag(key)
     options["progress"] = arguments.progress
     if not options.get("config"):
-        raise UserError("no config given: -c configs/<dataset>.yaml")
+        raise UserError("-c: no config given: -c configs/<dataset>.yaml")
     if not options.get("algorithms"):
-        raise UserError("no algorithms given: --algorithms Random Lorraine ...")
-    if isinstance(options["config"], str):
-        options["config"] = [options["config"]]
-    if isinstance(options["set"], dict):
-        options["set"] = [f"{key}={value}" for key, value in options["set"].items()]
-    if options["executor"] not in executors.EXECUTORS:
-        raise UserError(f"unknown executor '{options['executor']}'; valid: {', '.join(executors.EXECUTORS)}")
+        raise UserError("--algorithms: no algorithms given: --algorithms Random Lorraine ...")
+    for key in ("workers", "seed"):
+        check, expected = CAMPAIGN_TYPES[key]
+        if not check(options[key]):
+            raise UserError(f"{where(options, key)}: must be {expected}, got {options[key]!r}")
+    for key in ("config", "algorithms"):
+        if isinstance(options[key], str):
+            options[key] = [options[key]]
+    options["set"] = set_overrides(options["set"], options["sources"].get("set", "--set"))
+    log_root = Path(options["log_root"])
+    if log_root.exists() and not log_root.is_dir():
+        raise UserError(f"{where(options, 'log_root')} {log_root}: not a directory")
     return options
 
 
-def algorithm_file(name, directory):
+def where(options, key):
+    """``campaign.yaml: key`` or the flag, for messages about an option."""
+    source = options.get("sources", {}).get(key, flag(key))
+    return f"{source}: {key}" if source.endswith((".yaml", ".yml")) else source
+
+
+def set_overrides(value, source):
+    """``set`` as ``(key, value, source)`` triples, so a bad key is blamed on
+    the campaign file or on ``--set``."""
+    items = value.items() if isinstance(value, dict) else config_module.normalise_overrides(value)
+    label = source if source == "--set" else f"{source}: set"
+    return [(key, item, label) for key, item in items]
+
+
+def algorithm_file(name, directory, source="--algorithms"):
     """``configs/<Name>.yaml``; an unknown name lists the closest and the valid ones."""
     folder = Path(directory)
     path = folder / f"{name}.yaml"
     if path.is_file():
         return path.resolve()
     known = sorted(p.stem for p in folder.glob("*.yaml") if "algorithm" in config_module.read_yaml(p))
-    raise UserError(f"unknown algorithm '{name}'{closest(name, known)}: no {path}; "
+    raise UserError(f"{source}: unknown algorithm '{name}'{closest(name, known)}: no {path}; "
                     f"valid: {', '.join(known) or '(none)'}")
 
 
@@ -110,18 +169,23 @@ def plan(options):
     """Every run as a job dict, in algorithm-major order, checked before anything starts."""
     config_paths = [str(Path(path).resolve()) for path in options["config"]]
     for path in config_paths:
-        if not Path(path).is_file():
-            raise UserError(f"{path}: config file not found")
-    set_overrides = dict(config_module.normalise_overrides(options["set"]))
-    repetitions = generators.generate(options["generator"], options["repetitions"], options["seed"])
+        config_module.read_yaml(path)  # missing, binary or malformed: one line now
+    triples = options["set"] if options["set"] and isinstance(options["set"][0], tuple) else \
+        set_overrides(options["set"], "--set")
+    set_values = {key: value for key, value, _ in triples}
+    repetitions = generators.generate(options["generator"], options["repetitions"], options["seed"],
+                                      where=where(options, "generator"))
     group_dir = Path(options["log_root"]) / options["group"] / dataset_name(config_paths)
     jobs = []
-    for algorithm in options["algorithms"]:
-        stack = config_paths + [str(algorithm_file(algorithm, options["algorithm_dir"]))]
+    for number, algorithm in enumerate(options["algorithms"]):
+        stack = config_paths + [str(algorithm_file(algorithm, options["algorithm_dir"],
+                                                   where(options, "algorithms")))]
         for index, generated in enumerate(repetitions):
-            overrides = {**generated, **set_overrides}
-            if index == 0:
-                config_module.load(stack, overrides)  # bad keys fail now, not in 200 workers
+            overrides = {**generated, **set_values}
+            if index == 0 or number == 0:  # bad keys and values fail now, not in 200 workers
+                source = getattr(generated, "source", None) or "generator"
+                validate.check(config_module.load(stack, [(key, value, source) for key, value
+                                                          in generated.items()] + triples))
             jobs.append({"config": stack, "overrides": overrides, "algorithm": algorithm,
                          "repetition": index, "group": options["group"],
                          "name": f"{algorithm}-rep_{index}",

@@ -27,6 +27,13 @@ def closest(name, candidates):
     return f" (did you mean '{match[0]}'?)" if match else ""
 
 
+def below(where, key):
+    """The place of ``key`` inside the section at ``where``: a
+    :class:`config.Location` names the file that set that very key."""
+    child = getattr(where, "child", None)
+    return child(key) if child else f"{where}.{key}"
+
+
 def describe_parameters(function, skip=()):
     """``a, b=1, c=None`` for a constructor's user-settable options."""
     parts = []
@@ -86,7 +93,7 @@ class Registry:
                 if key not in parameters or key in injected:
                     valid = [p for p in parameters if p not in injected]
                     raise UserError(
-                        f"{where}: unknown option '{key}'{closest(key, valid)}; "
+                        f"{below(where, key)}: unknown option '{key}'{closest(key, valid)}; "
                         f"valid options: {describe_parameters(function, skip=injected)}")
         for parameter in parameters.values():
             if (parameter.default is parameter.empty
@@ -107,9 +114,11 @@ class Registry:
         if "class" not in spec:
             raise UserError(f"{where}: missing 'class'; valid: {', '.join(self.names())}")
         options = {key: value for key, value in spec.items() if key != "class"}
-        function = self.get(spec["class"], f"{where}.class")
+        function = self.get(spec["class"], below(where, "class"))
         self.check_options(function, options, where, injected=tuple(injected))
         try:
             return function(**options, **injected)
         except (TypeError, ValueError) as error:
-            raise UserError(f"{where}: {spec['class']}: {error}") from error
+            named = [key for key in sorted(options, key=len, reverse=True) if key in str(error)]
+            place = below(where, named[0]) if named else where
+            raise UserError(f"{place}: {spec['class']}: {error}") from error

@@ -40,10 +40,47 @@ COLUMNS = ("dataset", "algorithm", "runs", "diverged", "failed", "median", "mean
 
 
 def read_json(path):
+    """A results file as a mapping; a one-line :class:`UserError` for a file
+    that is unreadable, not JSON or not a mapping (results are written
+    atomically, so such a file is damaged, never half-written)."""
     try:
-        return json.loads(Path(path).read_text())
-    except (OSError, ValueError):
-        return None
+        data = json.loads(Path(path).read_bytes().decode("utf-8"))
+    except OSError as error:
+        raise UserError(f"{path}: cannot read ({error.strerror})") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not UTF-8 text (a damaged results file)") from None
+    except ValueError as error:
+        raise UserError(f"{path}: not valid JSON ({error.msg}, line {error.lineno})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: must hold a JSON object, got {type(data).__name__}")
+    return data
+
+
+def _is_number(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+# key -> (check, what it must be), for the keys the report reads.
+RECORD_TYPES = {
+    "status": (lambda v: isinstance(v, str), "a string"),
+    "algorithm": (lambda v: v is None or isinstance(v, str), "a string"),
+    "dataset": (lambda v: v is None or isinstance(v, str), "a string"),
+    "wall_time_s": (lambda v: v is None or _is_number(v), "a number"),
+    "total_training_time_s": (lambda v: v is None or _is_number(v), "a number"),
+    "trials": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0, "an integer >= 0"),
+    "final": (lambda v: v is None or isinstance(v, dict), "a mapping of metric to number"),
+}
+
+
+def check_record(path, record):
+    """The keys the report reads have the types it needs."""
+    for key, (check, expected) in RECORD_TYPES.items():
+        if key in record and not check(record[key]):
+            raise UserError(f"{path}: {key}: must be {expected}, got {record[key]!r}")
+    for metric, value in (record.get("final") or {}).items():
+        if value is not None and not _is_number(value):
+            raise UserError(f"{path}: final.{metric}: must be a number, got {value!r}")
+    return record
 
 
 def is_bayesopt_trial(run_dir):
@@ -59,8 +96,9 @@ def find_runs(root):
         if is_bayesopt_trial(path.parent):
             continue
         results = read_json(path)
-        if not results or "status" not in results:
+        if "status" not in results:
             continue
+        check_record(path, results)
         results["run_dir"] = str(path.parent)
         runs.append(results)
     return runs
@@ -77,7 +115,8 @@ def find_campaigns(root):
     campaigns = []
     for path in sorted(root.rglob("best.json")):
         best = read_json(path)
-        if best and "trials" in best:
+        if "trials" in best:
+            check_record(path, best)
             best["run_dir"] = str(path.parent)
             campaigns.append(best)
     return campaigns
@@ -301,6 +340,8 @@ def slug(text):
 def report(root, metric=None, plots=True):
     """Write report.csv, report.md and the PNGs into ``root``; returns the rows."""
     root = Path(root)
+    if root.exists() and not root.is_dir():
+        raise UserError(f"{root}: not a directory; give the directory that holds the runs")
     if not root.is_dir():
         raise UserError(f"{root}: runs directory not found")
     runs, campaigns, failures = find_runs(root), find_campaigns(root), find_failures(root)
@@ -329,7 +370,7 @@ def report(root, metric=None, plots=True):
 
 
 def build_parser():
-    parser = executors.CommandLine(description=__doc__.split("\n\n")[0])
+    parser = executors.CommandLine(prog="report.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("runs_dir", help="directory holding run directories (searched recursively)")
     parser.add_argument("--metric", help="final metric to compare (default: Unnormalised_Loss/Test, "
                                          "else Loss/Test)")

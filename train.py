@@ -24,11 +24,14 @@ from types import SimpleNamespace
 import torch
 from tqdm import tqdm
 
+import checkpoints
 import config as configuration
 import datasets
 import models
+import processes
+import validate
 from engine import Problem, Trainer
-from errors import UserError, exit_on_user_error
+from errors import CommandLine, UserError, exit_on_user_error
 from tracking import Tracker
 
 CHECKPOINT = "checkpoint.pt"
@@ -51,7 +54,7 @@ def write_json(path, data):
 def make_run_dir(log_root, group, name):
     """``log_root/group/<timestamp>-<name>``, unique even for concurrent runs."""
     parent = Path(log_root) / (group or "default")
-    parent.mkdir(parents=True, exist_ok=True)
+    make_directory(parent, f"-l {log_root}")
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S-%f")
     for attempt in range(1000):
         suffix = f"-{attempt}" if attempt else ""
@@ -64,15 +67,28 @@ def make_run_dir(log_root, group, name):
     raise UserError(f"{parent}: could not create a unique run directory")
 
 
-def pick_device(requested):
+def make_directory(path, label):
+    """``mkdir -p``; one line naming ``label`` if a file is in the way."""
+    try:
+        Path(path).mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise UserError(f"{label}: not a directory (a file is in the way of {path})") from None
+    except OSError as error:
+        raise UserError(f"{label}: cannot create {path} ({error.strerror})") from None
+
+
+def pick_device(requested, where="device"):
     if requested is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(requested)
     except RuntimeError:
-        raise UserError(f"device: unknown device {requested!r} (use cpu, cuda or cuda:N)") from None
+        raise UserError(f"{where}: unknown device {requested!r} (use cpu, cuda or cuda:N)") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"device: {requested} requested but CUDA is not available")
+        raise UserError(f"{where}: {requested} requested but CUDA is not available")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UserError(f"{where}: {requested} requested but only {torch.cuda.device_count()} "
+                        f"CUDA device(s) are visible")
     return device
 
 
@@ -112,21 +128,33 @@ def restore_random_states(states):
 def save_state(path, trainer, cfg, wall_time):
     state = {"trainer": trainer.state_dict(), "config": dict(cfg), "random": random_states(),
              "wall_time_s": wall_time}
-    atomic_write(path, lambda p: torch.save(state, p))
+    checkpoints.write(path, state)
 
 
-def load_state(path, trainer):
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: saved state not found")
+def load_state(path, trainer, cfg, label=None):
+    """Resume ``trainer`` from a checkpoint (checked: format, checksum, same
+    configuration); returns the wall time it had trained."""
+    label = label or str(path)
+    state = checkpoints.read(path, label, map_location=trainer.weights[0].device)
+    checkpoints.check_matches(state, cfg, label)
     try:
-        state = torch.load(path, map_location=trainer.weights[0].device, weights_only=False)
         trainer.load_state_dict(state["trainer"])
-    except (KeyError, RuntimeError, EOFError, ValueError, TypeError) as error:
-        raise UserError(f"{path}: not a saved state of this configuration "
+        restore_random_states(state["random"])
+        return float(state["wall_time_s"])
+    except (KeyError, RuntimeError, ValueError, TypeError, IndexError) as error:
+        raise UserError(f"{label}: not a saved state of this configuration "
                         f"({type(error).__name__})") from None
-    restore_random_states(state["random"])
-    return state["wall_time_s"]
+
+
+def save_if_preempted(trainer, cfg, checkpoint_path, wall_time):
+    """At a hyperparameter-step boundary: if SLURM is preempting the job, write
+    the current state for the requeued job and stop (see ``processes``)."""
+    if not processes.preemption.requested():
+        return
+    synchronise(trainer)
+    save_state(checkpoint_path, trainer, cfg, wall_time)
+    processes.preemption.saved()
+    raise processes.Preempted(f"preempted at hyperparameter step {trainer.hyperparameter_step}")
 
 
 def log_metrics(tracker, trainer, cfg):
@@ -183,7 +211,8 @@ def run_training(cfg, run_dir, device, dtype, progress, save, load):
     wall_time = 0.0
     resume_from = checkpoint_path if checkpoint_path.is_file() else load
     if resume_from:
-        wall_time = load_state(resume_from, trainer)
+        label = str(checkpoint_path) if resume_from == checkpoint_path else f"-s {load}"
+        wall_time = load_state(resume_from, trainer, cfg, label)
     tracker = Tracker(run_dir, purge_step=trainer.weight_step if resume_from else None)
     if not resume_from:
         tracker.hparams(hparam_summary(cfg), ["Loss/Test", "Loss/Validation", "Loss/Training"])
@@ -214,6 +243,7 @@ def run_loop(trainer, cfg, tracker, checkpoint_path, progress, wall_time):
         for name, value in trainer.last_hypergradients.items():
             tracker.scalar(f"Hypergradient/{name.title()}", value, trainer.weight_step)
         bar.update(1)
+        save_if_preempted(trainer, cfg, checkpoint_path, wall_time + time.perf_counter() - started)
         done = trainer.hyperparameter_step == total
         if trainer.weight_step // interval > before // interval or done:
             log_metrics(tracker, trainer, cfg)
@@ -275,7 +305,10 @@ def run_teaching(cfg, run_dir, device, progress):
     context = SimpleNamespace(run_dir=run_dir, writer=tracker.writer, device=device,
                               seed=cfg["seed"], progress=progress)
     started = time.perf_counter()
-    results = commentaries.run(cfg["teaching"], context, where=cfg.where("teaching"))
+    try:
+        results = commentaries.run(cfg["teaching"], context, where=cfg.where("teaching"))
+    except UserError as error:  # deep checks know the key; name its file too
+        raise UserError(configuration.locate(cfg, str(error))) from None
     results.setdefault("status", "finished")
     results["wall_time_s"] = time.perf_counter() - started
     results.update(algorithm=cfg["algorithm"], seed=cfg["seed"], run_dir=str(run_dir))
@@ -284,41 +317,86 @@ def run_teaching(cfg, run_dir, device, progress):
 
 
 def main(config, overrides=None, *, name=None, group=None, log_root="runs", device=None,
-         seed=None, save=None, load=None, run_dir=None, progress=True):
+         seed=None, save=None, load=None, run_dir=None, progress=True, skip_if_done=False):
     """Run one episode; returns the results written to ``run_dir/results.json``.
 
     ``config`` is a list of YAML paths (stacked in order) or a mapping;
     ``overrides`` a mapping of dotted keys to values or ``key=value`` strings.
+    The run directory is locked while the run is in it; a second call for the
+    same directory waits, and then (or always, with ``skip_if_done``) returns
+    the results already there instead of training again.
     Raises :class:`errors.UserError` for bad input.
     """
     extra = configuration.normalise_overrides(overrides)
     if seed is not None:
-        extra.append(("seed", seed))
+        extra.append(("seed", seed, "--seed"))
     if device is not None:
-        extra.append(("device", device))
+        extra.append(("device", device, "--device"))
     cfg = prepare(configuration.load(config, extra))
-    torch_device = pick_device(cfg["device"])
+    validate.check(cfg)
+    torch_device = pick_device(cfg["device"], cfg.where("device"))
     dtype = {"float32": torch.float32, "float64": torch.float64}[cfg["dtype"]]
+    check_paths(save, load, run_dir)
     torch.manual_seed(cfg["seed"])
     if run_dir is None:
         run_dir = make_run_dir(log_root, group, name or cfg["algorithm"])
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write(run_dir / "config.yaml", lambda p: p.write_text(configuration.to_yaml(cfg)))
-    if "teaching" in cfg:
-        results = run_teaching(cfg, run_dir, torch_device, progress)
-    else:
-        results = run_training(cfg, run_dir, torch_device, dtype, progress, save, load)
-    results["host"] = socket.gethostname()
-    write_json(run_dir / RESULTS, results)
-    # The results are safe on disk; the checkpoint has done its job.
-    (run_dir / CHECKPOINT).unlink(missing_ok=True)
+    make_directory(run_dir, f"--run-dir {run_dir}")
+    note = (lambda: print(f"{run_dir}: another process is running there; waiting for it",
+                          file=sys.stderr, flush=True)) if progress else None
+    with processes.run_directory_lock(run_dir, on_wait=note) as waited:
+        done = finished_results(run_dir) if (waited or skip_if_done) else None
+        if done is not None:
+            return done
+        checkpoints.remove_stale_temporaries(run_dir)
+        if not (run_dir / CHECKPOINT).is_file() and not load:
+            remove_event_files(run_dir)  # an attempt killed before its first checkpoint
+        atomic_write(run_dir / "config.yaml", lambda p: p.write_text(configuration.to_yaml(cfg)))
+        if "teaching" in cfg:
+            results = run_teaching(cfg, run_dir, torch_device, progress)
+        else:
+            results = run_training(cfg, run_dir, torch_device, dtype, progress, save, load)
+        results["host"] = socket.gethostname()
+        write_json(run_dir / RESULTS, results)
+        # The results are safe on disk; the checkpoint has done its job.
+        (run_dir / CHECKPOINT).unlink(missing_ok=True)
     return results
 
 
+def check_paths(save, load, run_dir):
+    """Flags that name files, checked before any training: a ``-S`` into a
+    missing directory would lose the run's state at the very end."""
+    if save is not None:
+        target = Path(save)
+        if target.is_dir():
+            raise UserError(f"-S {save}: is a directory; give a file name")
+        if not target.parent.is_dir():
+            raise UserError(f"-S {save}: directory {target.parent} does not exist")
+    if load is not None and not Path(load).is_file():
+        reason = "is a directory, not a saved state" if Path(load).is_dir() else "saved state not found"
+        raise UserError(f"-s {load}: {reason}")
+    if run_dir is not None and Path(run_dir).exists() and not Path(run_dir).is_dir():
+        raise UserError(f"--run-dir {run_dir}: not a directory")
+
+
+def finished_results(run_dir):
+    """The results of a run that already ended in ``run_dir`` (finished or diverged), else None."""
+    try:
+        results = json.loads((Path(run_dir) / RESULTS).read_text())
+    except (OSError, ValueError):
+        return None
+    return results if isinstance(results, dict) and results.get("status") in ("finished", "diverged") else None
+
+
+def remove_event_files(run_dir):
+    """TensorBoard files of an attempt that left no checkpoint: its steps are redone."""
+    for path in Path(run_dir).glob("events.out.tfevents.*"):
+        path.unlink(missing_ok=True)
+
+
 def parse_arguments(argv):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = CommandLine(prog="train.py", description=__doc__.split("\n\n")[0],
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-c", "--config", nargs="+", required=True, help="YAML files, stacked")
     parser.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
                         help="override a config value (dotted keys; YAML values)")

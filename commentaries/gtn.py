@@ -35,6 +35,7 @@ batches to see whether the teaching transfers.
 import io
 import math
 import os
+import warnings
 
 import matplotlib
 
@@ -280,7 +281,12 @@ def load_teacher(path, kind=None):
     no arbitrary unpickling); a :class:`UserError` if it is not one."""
     if not os.path.isfile(path):
         raise UserError(f"teacher file not found: {path}")
-    payload = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        with warnings.catch_warnings():  # torch warns about foreign pickle protocols first
+            warnings.simplefilter("ignore")
+            payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # a corrupt, foreign or hostile file (weights_only refuses code)
+        raise UserError(f"{path} is not a readable teacher file ({type(error).__name__})") from None
     if not isinstance(payload, dict) or payload.get("format") != TEACHER_FORMAT \
             or (kind is not None and payload.get("kind") != kind):
         raise UserError(f"{path} is not a {kind or ''} teacher file")

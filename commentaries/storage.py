@@ -17,6 +17,7 @@ A config reuses one to train a fresh student, of another architecture too::
 import copy
 import io
 import os
+import warnings
 
 import torch
 
@@ -71,7 +72,9 @@ def load_commentary(path, where="teaching.commentary"):
     if not os.path.isfile(path):
         raise UserError(f"{where}: no such file: {path}")
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about foreign pickle protocols first
+            warnings.simplefilter("ignore")
+            payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # a corrupt or foreign file, reported as one line
         raise UserError(f"{where}: {path} is not a readable commentary file ({type(error).__name__})") from error
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:

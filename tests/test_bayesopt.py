@@ -63,7 +63,7 @@ def test_bad_budget_is_one_line_exit_2(tmp_path):
     answer = subprocess.run([sys.executable, str(REPOSITORY / "bayesopt.py"), "-c", ENERGY, BAYESOPT,
                              "--trials", "0", "-l", str(tmp_path)], capture_output=True, text=True, timeout=120)
     assert answer.returncode == 2
-    assert answer.stderr == "error: command line: trials must be an integer >= 1, got 0\n"
+    assert answer.stderr == "error: --trials: must be an integer >= 1, got 0\n"
 
 
 def trial_results(directory):

@@ -43,7 +43,7 @@ CASES = {
     "unknown model option": (None, ["model.layer_size=[64,10]"],
                              ["model", "unknown option 'layer_size'", "layer_sizes"]),
     "unknown hypergradient method": (None, ["hypergradient.class=Implicitt"],
-                                     ["Ours_LR.yaml: hypergradient.class", "'Implicit'"]),
+                                     ["--set: hypergradient.class", "'Implicit'"]),
     "unknown hypergradient option": (None, ["hypergradient.rollback=3"],
                                      ["hypergradient", "unknown option 'rollback'",
                                       "rollback_distance=5"]),
