@@ -6,6 +6,8 @@ import math
 import os
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import cloudpickle
@@ -189,3 +191,94 @@ def test_campaign_yaml_gives_defaults_and_the_command_line_wins(tmp_path):
     campaign.write_text("algoritms: [Random]\n")
     with pytest.raises(UserError, match="unknown campaign key 'algoritms'.*did you mean 'algorithms'"):
         parallel_exec.resolve_options(parallel_exec.build_parser().parse_args(["--campaign", str(campaign)]))
+
+
+# ------------------------------------------------------------------ nothing runs twice
+
+DIGITS = str(REPOSITORY / "configs" / "digits.yaml")
+
+
+def event_files(run_dir):
+    return sorted(Path(run_dir).glob("events.out.tfevents.*"))
+
+
+def training_steps(path):
+    """The weight steps at which one event file logged ``Loss/Training``."""
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+
+    steps = []
+    for event in EventFileLoader(str(path)).Load():
+        for value in event.summary.value:
+            if value.tag == "Loss/Training":
+                steps.append(event.step)
+    return steps
+
+
+def alive(pid):
+    """True while ``pid`` runs (a zombie waiting to be reaped counts as gone)."""
+    try:
+        state = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    return "\nState:\tZ" not in state
+
+
+def test_a_killed_fanout_takes_its_workers_with_it_and_a_rerun_trains_each_run_once(tmp_path):
+    arguments = [str(REPOSITORY / "parallel_exec.py"), "-c", DIGITS, "--algorithms", "Random",
+                 "--generator", "iteration_id", "--repetitions", "2", "--workers", "2",
+                 "-l", str(tmp_path), "-g", "killed", "--no-progress",
+                 "--set", "hyperparameter_steps=600", "log_interval=10", "batch_size=32"]
+    runs = [tmp_path / "killed" / "digits" / "Random" / f"rep_{k}" for k in range(2)]
+    launcher = subprocess.Popen([sys.executable, *arguments], stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while not any(event_files(run) for run in runs):  # training has started
+            assert time.time() < deadline and launcher.poll() is None, "no run started"
+            time.sleep(0.1)
+        time.sleep(1.0)
+        workers = {int((run / ".lock").read_text() or 0) for run in runs if (run / ".lock").is_file()}
+        assert workers and not any((run / "results.json").exists() for run in runs)
+    finally:
+        launcher.kill()
+        launcher.wait()
+    deadline = time.time() + 3  # a run takes far longer: an orphan would still be training
+    while any(alive(pid) for pid in workers) and time.time() < deadline:
+        time.sleep(0.1)
+    assert not any(alive(pid) for pid in workers), "a worker outlived its killed launcher"
+    assert not any((run / "results.json").exists() for run in runs)
+    # The same command again, at once.
+    again = subprocess.run([sys.executable, *arguments], capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr
+    for run in runs:
+        results = json.loads((run / "results.json").read_text())
+        assert results["status"] == "finished" and results["hyperparameter_steps_done"] == 600
+        [events] = event_files(run)  # exactly one event file: one training
+        steps = training_steps(events)
+        assert steps == sorted(set(steps)) and steps[-1] == 6000, steps[-5:]
+        assert not list(run.glob(".*.tmp"))
+
+
+def test_a_second_run_in_a_locked_directory_waits_and_does_not_train_again(tmp_path):
+    import processes
+    import train
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    outcome = {}
+
+    def second():
+        outcome["results"] = train.main([DIGITS, str(REPOSITORY / "configs" / "Random.yaml")],
+                                        {"hyperparameter_steps": 2}, run_dir=run_dir, progress=False)
+
+    with processes.run_directory_lock(run_dir):
+        thread = threading.Thread(target=second)
+        thread.start()
+        thread.join(2.0)
+        assert thread.is_alive()  # waiting for the lock, not training
+        assert not event_files(run_dir)
+        # The first run finishes while the second waits.
+        (run_dir / "results.json").write_text(json.dumps({"status": "finished", "first": True}))
+    thread.join(60)
+    assert outcome["results"] == {"status": "finished", "first": True}
+    assert not event_files(run_dir)  # it did not train a second time
