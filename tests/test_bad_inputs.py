@@ -544,6 +544,69 @@ def test_the_battery_is_large():
     assert {case.command for case in CASES.values()} == {"train", "parallel_exec", "bayesopt", "report"}
 
 
+# ------------------------------------------------------------------ loaders of teachers and commentaries
+
+@pytest.mark.parametrize("loader", ["commentary", "teacher"])
+@pytest.mark.parametrize("content", ["hostile-torch-file", "hostile-raw-pickle", "garbage"])
+def test_teacher_and_commentary_loaders_refuse_hostile_files_and_run_nothing(loader, content, tmp_path):
+    from commentaries import gtn, storage
+    from errors import UserError
+
+    make = {"hostile-torch-file": lambda: hostile_torch_file(tmp_path, "file.pt"),
+            "hostile-raw-pickle": lambda: hostile_raw_pickle(tmp_path, "file.pt"),
+            "garbage": lambda: write(tmp_path, "file.pt", BINARY)}[content]
+    path = make()
+    load = storage.load_commentary if loader == "commentary" else gtn.load_teacher
+    with pytest.raises(UserError) as error:
+        load(path)
+    assert "file.pt" in str(error.value) and "\n" not in str(error.value)
+    assert not (tmp_path / "marker").exists()
+
+
+# ------------------------------------------------------------------ nothing lost
+
+def test_a_checkpoint_is_plain_tensors_with_a_checksum(tmp_path):
+    import torch
+
+    import checkpoints
+
+    state = saved_state(tmp_path)
+    wrapper = torch.load(state, weights_only=True)  # loadable without running any code
+    assert wrapper["format"] == "hypergrad-checkpoint" and len(wrapper["sha256"]) == 64
+    assert checkpoints.read(state, "state.pt")["config"]["algorithm"] == "Random"
+
+
+def test_stale_temporaries_of_a_killed_write_are_removed(tmp_path):
+    import train
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    stale = [run_dir / ".checkpoint.pt.4242.tmp", run_dir / ".results.json.4242.tmp"]
+    for path in stale:
+        path.write_bytes(b"half a write")
+    train.main([DIGITS, RANDOM, tiny(tmp_path)], run_dir=run_dir, progress=False)
+    assert not any(path.exists() for path in stale)
+    assert (run_dir / "results.json").is_file()
+
+
+def test_save_into_a_missing_directory_fails_before_training(tmp_path):
+    code, error = invoke("train", train_args(tmp_path, "-S", str(tmp_path / "missing" / "s.pt")))
+    assert code == 2 and "missing" in error
+    assert not list((tmp_path / "runs").rglob("events.out.tfevents.*"))  # nothing trained
+
+
+def test_bayesopt_prints_no_dependency_warning_before_its_error(tmp_path):
+    """A real process (warnings print once per process): one line, after Ax is imported."""
+    import subprocess
+
+    arguments = corrupt_ax_state(tmp_path)
+    answer = subprocess.run([sys.executable, str(ROOT / "bayesopt.py"), *arguments], capture_output=True,
+                            text=True, timeout=300, cwd=tmp_path)
+    assert answer.returncode == 2
+    assert answer.stderr.count("\n") == 1 and answer.stderr.startswith("error: "), answer.stderr
+    assert "ax_client.json" in answer.stderr
+
+
 if __name__ == "__main__":
     import tempfile
 
