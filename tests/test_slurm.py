@@ -196,3 +196,38 @@ def test_rerun_waits_for_runs_still_on_slurm_instead_of_resubmitting(slurm_clust
     output = subprocess.run(["sacct", "-n", "-X", "-D", "-P", "-o", "JobID", "-j", ",".join(job_ids)],
                             capture_output=True, text=True, check=True).stdout
     assert sorted(output.split()) == sorted(job_ids)  # each run ran once, as one job
+
+
+def logged_steps(path):
+    """The weight steps at which one event file logged ``Loss/Training``."""
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+
+    return [event.step for event in EventFileLoader(str(path)).Load()
+            for value in event.summary.value if value.tag == "Loss/Training"]
+
+
+def test_preemption_checkpoints_the_current_step_not_the_last_periodic_one(slurm_cluster, tmp_path):
+    """No periodic checkpoints at all: what the requeued job resumes from is
+    the state written when the preemption signal came."""
+    stack = [ENERGY, str(REPOSITORY / "configs" / "Ours_LR_Momentum.yaml")]
+    weight_steps = 10  # per hyperparameter step; logged at every hyperparameter step
+    overrides = {"hyperparameter_steps": 1500, "checkpoint_every": 0, "log_interval": weight_steps,
+                 "network_weight_steps": weight_steps, "seed": 4}
+    run_dir = tmp_path / "preempted"
+    job = {"config": stack, "overrides": overrides, "run_dir": str(run_dir)}
+    executor = executors.make_executor("slurm", tmp_path / "logs", slurm_config=LOCAL_SLURM)
+    [handle] = executor.map(executors.TrainingRun(), [job], label="Ours_LR_Momentum")
+    wait_for(lambda: any(run_dir.glob("events.out.tfevents.*")), 180, "the job to start training")
+    time.sleep(3)  # well into training
+    handle._interrupt()  # preemption: SIGTERM, then USR2 -> checkpoint() -> requeue
+    results = handle.result()
+    assert results["status"] == "finished" and results["hyperparameter_steps_done"] == 1500
+    first, resumed = sorted(run_dir.glob("events.out.tfevents.*"), key=lambda p: p.stat().st_mtime)
+    before, after = logged_steps(first), logged_steps(resumed)
+    assert before and after and after[-1] == 1500 * weight_steps
+    resumed_from = after[0] - weight_steps  # the weight step of the checkpoint
+    assert resumed_from > 0, "resumed from scratch: the preemption wrote no checkpoint"
+    lost = (before[-1] - resumed_from) / weight_steps  # hyperparameter steps done twice
+    assert lost <= 1, (before[-1], resumed_from)
+    logs = "".join(path.read_text() for path in (tmp_path / "logs").rglob("*_log.*"))
+    assert "this job is preempted" in logs and "Calling checkpoint method" in logs
