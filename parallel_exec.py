@@ -92,7 +92,7 @@ def read_campaign(path):
         if key not in CAMPAIGN_KEYS:
             raise UserError(f"{path}: unknown campaign key '{key}'{closest(key, CAMPAIGN_KEYS)}; "
                             f"valid: {', '.join(CAMPAIGN_KEYS)}")
-        check, expected = CAMPAIGN_TYPES[key]
+        check, expected = CAMPAIGN_TYPES.get(key, (lambda _: True, ""))
         if not check(value):
             raise UserError(f"{path}: {key}: must be {expected}, got {value!r}")
     return data
