@@ -190,7 +190,7 @@ def test_bad_model_specs_are_one_line_user_errors():
     cases = [({"class": "MLPP", "layer_sizes": [64, 10]}, "did you mean 'MLP'"),
              ({"class": "MLP", "layer_sizes": [64, 10], "activation": "ReLU"}, "unknown option 'activation'"),
              ({"class": "MLP", "layer_sizes": [64, 10], "activation_function": "Swish"}, "Swish"),
-             ({"class": "MLP"}, "missing option 'layer_sizes'"),
+             ({"class": "MLP"}, "give either layer_sizes or hidden"),
              ({"class": "TwoBlockCNN", "channels": [4, 8, 16]}, "channels needs 2 widths"),
              ({"class": "TwoBlockCNN", "in_channels": 3}, None)]  # explicit values are not overridden
     for spec, fragment in cases:
