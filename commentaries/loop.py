@@ -214,7 +214,8 @@ def run(method, context):
                 break
         if context.checkpoint_every and step % context.checkpoint_every == 0 and step < method.steps:
             save_checkpoint(checkpoint_path, method, step, wall_time + time.perf_counter() - started)
-    results = {"status": status, "dataset": method.dataset_name, "outer_steps_done": step, "final": {},
+    results = {"status": status, "dataset": method.dataset_name, "outer_steps_done": step,
+               "resumed_from_step": start, "final": {},
                "objective": context.divergence_penalty, "teaching": {}, "hyperparameters": {},
                "teacher_file": None}
     if status == "finished":

@@ -103,6 +103,19 @@ def test_learned_curriculum_lowers_outer_objective_and_logs(tmp_path):
     assert {"Commentary/generated_samples", "Commentary/inner_step_accuracy"} <= set(events.Tags()["images"])
     assert events.Scalars("Final/Loss/Validation")[-1].value == pytest.approx(trained["objective"], rel=1e-6)
 
+    # The saved teacher trains a fresh student of another architecture through TrainWithCommentary,
+    # on its generated batches alone; the untrained generator's batches teach next to nothing.
+    def student_accuracy(name):
+        reuse = {"class": "TrainWithCommentary", "commentary": str(tmp_path / name / "teacher.pt"),
+                 "student": {"class": "CNN", "width": 8}, "steps": 40, "lr": 0.01, "log_interval": 20}
+        context = Context(run_dir=tmp_path / f"{name}_student")
+        results = commentaries.run(reuse, context)
+        assert results["teaching"]["teacher"]["method"] == "GTN" and results["dataset"] == "Digits"
+        return results["final"]["Accuracy/Test"]
+
+    taught, untaught = student_accuracy("trained"), student_accuracy("init")
+    assert taught > 0.6 and taught > untaught + 0.3, (taught, untaught)
+
 
 def test_fresh_noise_and_real_data_baselines_run(tmp_path):
     noise = run_gtn(tmp_path / "n", input="noise", outer_steps=12, **SMALL)
