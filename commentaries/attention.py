@@ -23,8 +23,8 @@ from torch.func import functional_call
 from commentaries import TEACHERS, storage
 from commentaries.bilevel import implicit_hypergradient
 from commentaries.common import (
-    FrozenTeaching, build_student, check_choice, check_float, check_int, check_list, evaluation_generator,
-    fresh_weights, load_data, save_figure, set_grads, train_students)
+    FrozenTeaching, build_student, check_choice, check_float, check_int, evaluation_generator, evaluation_options,
+    fresh_weights, save_figure, set_grads, train_students)
 from commentaries.loop import TeachingMethod
 
 MASKS = ("learned", "random", "permuted", "none")
@@ -183,17 +183,15 @@ class AttentionMasks(TeachingMethod):
         for key, value in (("lr", lr), ("neumann_lr", neumann_lr), ("evaluation_lr", evaluation_lr)):
             check_float(value, key, 0.0, strict_minimum=True)
         check_float(teacher_lr, "teacher_lr", 0.0)
-        self.evaluation_students = check_list(evaluation_students or [{"class": "CNN"}], "evaluation_students")
-        self.context, self.commentary, self.teacher_width = context, commentary, teacher_width
+        self.evaluation_students, self.evaluation = evaluation_options(
+            evaluation_students, steps=evaluation_steps, lr=evaluation_lr, batch_size=batch_size,
+            log_interval=log_interval)
+        self.commentary, self.teacher_width = commentary, teacher_width
         self.student_lr, self.teacher_lr, self.batch_size, self.hyper_every = lr, teacher_lr, batch_size, hyper_every
         self.neumann_steps, self.neumann_lr, self.validation_batch = neumann_steps, neumann_lr, validation_batch
         self.objective_seeds, self.log_interval = range(objective_seeds), log_interval
         self.student_spec = student or {"class": "CNN", "width": 16}
-        self.evaluation = {"steps": evaluation_steps, "lr": evaluation_lr, "optimiser": "Adam",
-                           "batch_size": batch_size, "log_interval": min(log_interval, evaluation_steps)}
-        self.data_spec = data
-        self.data = load_data(data, context)
-        self.dataset_name = self.data.name
+        self.use_data(data, context)
         if self.data.input_shape[0] != 3:
             raise ValueError(f"attention masks need colour images; {self.data.name} has "
                              f"{self.data.input_shape[0]} channel(s)")

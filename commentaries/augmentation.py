@@ -25,8 +25,8 @@ from torch.func import functional_call
 from commentaries import TEACHERS, storage
 from commentaries.bilevel import implicit_hypergradient, sgd_steps, unrolled_hypergradient
 from commentaries.common import (
-    FrozenTeaching, build_student, check_choice, check_float, check_int, check_list, evaluation_generator,
-    fresh_weights, load_data, save_figure, set_grads, soft_cross_entropy, train_students)
+    FrozenTeaching, build_student, check_choice, check_float, check_int, evaluation_generator, evaluation_options,
+    fresh_weights, save_figure, set_grads, soft_cross_entropy, train_students)
 from commentaries.loop import TeachingMethod
 
 POLICIES = ("learned", "shuffled", "random", "mixup", "none")
@@ -212,18 +212,16 @@ class Augmentation(TeachingMethod):
         for key, value in (("lr", lr), ("grid_lr", grid_lr), ("neumann_lr", neumann_lr), ("inner_lr", inner_lr),
                            ("mixup_alpha", mixup_alpha), ("evaluation_lr", evaluation_lr)):
             check_float(value, key, 0.0, strict_minimum=key not in ("grid_lr",))
-        self.evaluation_students = check_list(evaluation_students or [{"class": "CNN"}], "evaluation_students")
-        self.context, self.commentary, self.mixup_alpha = context, commentary, mixup_alpha
+        self.evaluation_students, self.evaluation = evaluation_options(
+            evaluation_students, steps=evaluation_steps, lr=evaluation_lr, batch_size=batch_size,
+            log_interval=log_interval)
+        self.commentary, self.mixup_alpha = commentary, mixup_alpha
         self.student_lr, self.batch_size, self.grid_lr, self.hyper_every = lr, batch_size, grid_lr, hyper_every
         self.neumann_steps, self.neumann_lr, self.chunk_size = neumann_steps, neumann_lr, chunk_size
         self.inner_steps, self.inner_lr, self.objective_seeds = inner_steps, inner_lr, range(objective_seeds)
         self.joint_steps, self.log_interval = steps, log_interval
         self.student_spec = student or {"class": "CNN", "width": 16}
-        self.evaluation = {"steps": evaluation_steps, "lr": evaluation_lr, "optimiser": "Adam",
-                           "batch_size": batch_size, "log_interval": min(log_interval, evaluation_steps)}
-        self.data_spec = data
-        self.data = load_data(data, context)
-        self.dataset_name = self.data.name
+        self.use_data(data, context)
         self.saved = None
         if commentary is not None and self.policy in ("learned", "shuffled"):
             payload = storage.load_teacher(commentary, method="Augmentation")

@@ -41,7 +41,7 @@ import linear_solvers  # noqa: E402
 from commentaries import TEACHERS  # noqa: E402
 from commentaries.bilevel import implicit_hypergradient  # noqa: E402
 from commentaries.common import (DIGITS, check_bool, check_choice, check_float, check_int,  # noqa: E402
-                                 load_data, save_figure, split_pairs)
+                                 save_figure, split_pairs)
 from commentaries.loop import TeachingMethod  # noqa: E402
 from errors import UserError  # noqa: E402
 
@@ -262,9 +262,7 @@ class AuxiLearn(TeachingMethod):
         self.update_every, self.warmup_steps, self.neumann_steps = update_every, warmup_steps, neumann_steps
         self.hypergradient_lr, self.solver, self.outer_lr = hypergradient_lr, solver, outer_lr
         self.max_grad_norm, self.combiner_hidden = max_grad_norm, combiner_hidden
-        self.data_spec = dict(data or DIGITS)
-        self.data = load_data(self.data_spec, context)
-        self.dataset_name = self.data.name
+        self.use_data(dict(data or DIGITS), context)
         self.splits, self.noise_labels = auxilearn_splits(self.data, train_size, auxiliary_size, context.seed)
 
     def setup(self):

@@ -277,6 +277,13 @@ def train_students(specs, data, teaching, options, context, generator, prefix="E
     return {tag: float(sum(m[tag] for m in results) / len(results)) for tag in results[0]}
 
 
+def evaluation_options(students, *, steps, lr, batch_size, log_interval, optimiser="Adam"):
+    """The evaluation students (default: one CNN) and how :func:`train_students` trains them."""
+    students = check_list(students or [{"class": "CNN"}], "evaluation_students")
+    return students, {"steps": steps, "lr": lr, "optimiser": optimiser, "batch_size": batch_size,
+                      "log_interval": max(1, min(log_interval, steps))}
+
+
 def evaluation_generator(seed):
     """Reseed for the evaluation students: at a given run seed every method and
     baseline then trains them from the same initialisations and batch order,

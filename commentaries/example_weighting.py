@@ -21,8 +21,8 @@ import models
 from commentaries import TEACHERS
 from commentaries.bilevel import sgd_steps, unrolled_hypergradient
 from commentaries.common import (
-    FrozenTeaching, build_student, check_bool, check_choice, check_float, check_int, check_list,
-    evaluation_generator, fresh_weights, load_data, save_figure, set_grads, train_students)
+    FrozenTeaching, build_student, check_bool, check_choice, check_float, check_int, evaluation_generator,
+    evaluation_options, fresh_weights, save_figure, set_grads, train_students)
 from commentaries.loop import TeachingMethod
 
 
@@ -188,17 +188,14 @@ class ExampleWeighting(TeachingMethod):
         self.truncation = check_int(truncation, "truncation", 0)
         self.objective_seeds = range(check_int(objective_seeds, "objective_seeds", 1))
         self.log_interval = check_int(log_interval, "log_interval", 1)
-        self.evaluation_students = check_list(evaluation_students or [{"class": "CNN"}, {"class": "MLP"}],
-                                              "evaluation_students")
-        self.evaluation = {
-            "steps": check_int(evaluation_steps or inner_steps, "evaluation_steps", 1),
-            "lr": check_float(evaluation_lr or inner_lr, "evaluation_lr", 0.0, strict_minimum=True),
-            "optimiser": check_choice(evaluation_optimiser, "evaluation_optimiser", ("Adam", "SGD")),
-            "batch_size": batch_size, "log_interval": max(1, min(log_interval, evaluation_steps or inner_steps))}
-        self.context, self.student_spec = context, student or {"class": "MLP", "hidden": [32]}
-        self.data_spec = data
-        self.data = load_data(data, context)
-        self.dataset_name = self.data.name
+        self.evaluation_students, self.evaluation = evaluation_options(
+            evaluation_students or [{"class": "CNN"}, {"class": "MLP"}],
+            steps=check_int(evaluation_steps or inner_steps, "evaluation_steps", 1),
+            lr=check_float(evaluation_lr or inner_lr, "evaluation_lr", 0.0, strict_minimum=True),
+            optimiser=check_choice(evaluation_optimiser, "evaluation_optimiser", ("Adam", "SGD")),
+            batch_size=batch_size, log_interval=log_interval)
+        self.student_spec = student or {"class": "MLP", "hidden": [32]}
+        self.use_data(data, context)
         self.record = {}
 
     def make_student(self):

@@ -47,7 +47,7 @@ from torch.func import functional_call  # noqa: E402
 from commentaries import TEACHERS  # noqa: E402
 from commentaries.bilevel import sgd_steps  # noqa: E402
 from commentaries.common import (DIGITS, FrozenTeaching, build_student, check_bool, check_choice,  # noqa: E402
-                                 check_float, check_int, check_list, load_data, save_figure, split_pairs)
+                                 check_float, check_int, check_list, save_figure, split_pairs)
 from commentaries.loop import TeachingMethod  # noqa: E402
 
 INPUT_KINDS = ("learned", "fixed", "noise", "real")
@@ -340,9 +340,7 @@ class GenerativeTeachingNetwork(TeachingMethod):
         self.max_grad_norm, self.truncation, self.eval_learners = max_grad_norm, truncation, eval_learners
         self.shuffles, self.transfer_learners = shuffles, list(transfer_learners)
         self.learner_spec = learner or {"class": "MLP", "hidden": [64]}
-        self.data_spec = dict(data or DIGITS)
-        self.data = load_data(self.data_spec, context)
-        self.dataset_name = self.data.name
+        self.use_data(dict(data or DIGITS), context)
         self.splits = split_pairs(self.data)
 
     def setup(self):

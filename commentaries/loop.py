@@ -31,6 +31,7 @@ from tracking import Tracker
 from train import CHECKPOINT, atomic_write, random_states, restore_random_states
 
 from commentaries import storage
+from commentaries.common import load_data
 
 CHECKPOINT_FORMAT = "hypergrad-teaching-checkpoint"
 
@@ -69,6 +70,13 @@ class TeachingMethod:
     steps = 0          # outer steps
     log_interval = 1   # outer steps between logs (and divergence checks)
     dataset_name = None
+
+    def use_data(self, spec, context):
+        """Load ``teaching.data`` (a :class:`datasets.Data` on the run's device)
+        and remember its spec (teacher files record it)."""
+        self.context, self.data_spec = context, spec
+        self.data = load_data(spec, context)
+        self.dataset_name = self.data.name
 
     def setup(self):
         """Build networks and optimisers (in a fixed order: a resumed run rebuilds them the same way)."""

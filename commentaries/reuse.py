@@ -15,7 +15,7 @@ import copy
 
 from commentaries import TEACHERS, storage
 from commentaries.common import (StudentTraining, build_student, check_choice, check_float, check_int,
-                                 evaluation_generator, load_data)
+                                 evaluation_generator)
 from commentaries.loop import TeachingMethod
 from errors import UserError
 
@@ -41,9 +41,8 @@ class TrainWithCommentary(TeachingMethod):
         self.lr = check_float(lr, "lr", 0.0, strict_minimum=True)
         self.batch_size = check_int(batch_size, "batch_size", 1)
         self.optimiser = check_choice(optimiser, "optimiser", ("Adam", "SGD"))
-        self.context, self.commentary, self.student_spec = context, commentary, student
-        self.data = load_data(data, context)
-        self.dataset_name = self.data.name
+        self.commentary, self.student_spec = commentary, student
+        self.use_data(data, context)
         method = self.payload["method"]
         if method not in TEACHERS:
             raise UserError(f"teaching.commentary: {commentary} was learned by {method!r}, not a registered "
