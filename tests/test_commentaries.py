@@ -516,3 +516,17 @@ def test_learn_then_reuse_through_train_with_tensorboard(tmp_path, monkeypatch):
                         log_root=str(tmp_path), progress=False)
     assert reused["status"] == "finished" and reused["dataset"] == "Digits"
     assert reused["teaching"]["teacher"]["learned_by"]["algorithm"] == "implicit (Algorithm 2)"
+
+
+def test_teaching_data_and_students_serve_hyperparameter_runs_by_the_same_names(tmp_path):
+    """One dataset and one model registry: a hyperparameter run names the
+    teaching data set and student exactly as a teaching config does."""
+    import train
+
+    config = {"model": {"class": "MLP", "hidden": [16]}, "loss": {"class": "CrossEntropyLoss"},
+              "dataset": {**ROTATED, "train_size": 64, "validation_size": 32, "test_size": 32},
+              "algorithm": "Random", "hyperparameter_steps": 3, "network_weight_steps": 2, "batch_size": 16,
+              "log_interval": 2, "device": "cpu"}
+    results = train.main(config, log_root=tmp_path, progress=False)
+    assert results["status"] == "finished" and results["dataset"] == "RotatedDigits"
+    assert 0 <= results["final"]["Accuracy/Test"] <= 1 and math.isfinite(results["final"]["Loss/Test"])
