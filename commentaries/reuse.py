@@ -49,7 +49,8 @@ class TrainWithCommentary(TeachingMethod):
                             f"teaching method (valid: {', '.join(TEACHERS.names())})")
         self.teaching = TEACHERS.get(method).frozen_teaching(self.payload, self.data, context.device)
         if self.teaching is None:
-            raise UserError(f"teaching.commentary: a {method} teacher cannot train a fresh student")
+            raise UserError(f"teaching.commentary: a {method} teacher cannot train a fresh student "
+                            f"(it has no frozen_teaching)")
 
     def setup(self):
         generator = evaluation_generator(self.context.seed)

@@ -165,3 +165,17 @@ def test_sigkilled_teaching_run_resumes_bit_for_bit(tmp_path, algorithm):
     saved, again = (storage.load_teacher(path / "teacher.pt")["tensors"] for path in (tmp_path / "whole",
                                                                                       tmp_path / "killed"))
     assert saved.keys() == again.keys() and all(torch.equal(saved[name], again[name]) for name in saved)
+
+
+def test_train_with_commentary_refuses_teachers_it_cannot_use_in_one_line(tmp_path):
+    import commentaries
+    from commentaries.common import DIGITS
+    from commentaries.loop import Context
+
+    weighting = storage.save_teacher(tmp_path / "auxilearn.pt", method="AuxiLearn", tensors={"raw": torch.ones(3)},
+                                     dataset=DIGITS)
+    unknown = storage.save_teacher(tmp_path / "unknown.pt", method="Removed", tensors={}, dataset=DIGITS)
+    for path, message in ((weighting, "a AuxiLearn teacher cannot train a fresh student"),
+                          (unknown, "learned by 'Removed', not a registered teaching method")):
+        with pytest.raises(UserError, match=message):
+            commentaries.run({"class": "TrainWithCommentary", "commentary": str(path)}, Context(run_dir=tmp_path))
