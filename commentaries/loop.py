@@ -197,7 +197,11 @@ def run(method, context):
     context.tracker = tracker = Tracker(context.run_dir, purge_step=start if resumed else None)
     method.setup()
     if resumed:
-        method.load_state_dict(resumed["method"])
+        try:
+            method.load_state_dict(resumed["method"])
+        except (KeyError, RuntimeError, ValueError, TypeError) as error:
+            raise UserError(f"{checkpoint_path}: not a checkpoint of this teaching configuration "
+                            f"({type(error).__name__})") from None
         restore_random_states(resumed["random"])
     else:
         method.begin()

@@ -179,3 +179,12 @@ def test_train_with_commentary_refuses_teachers_it_cannot_use_in_one_line(tmp_pa
                           (unknown, "learned by 'Removed', not a registered teaching method")):
         with pytest.raises(UserError, match=message):
             commentaries.run({"class": "TrainWithCommentary", "commentary": str(path)}, Context(run_dir=tmp_path))
+
+
+def test_a_checkpoint_of_another_configuration_is_a_user_error(tmp_path):
+    from commentaries.loop import CHECKPOINT_FORMAT
+
+    torch.save({"format": CHECKPOINT_FORMAT, "method": {"other": torch.zeros(())}, "step": 3,
+                "wall_time_s": 0.0, "random": train.random_states()}, tmp_path / "checkpoint.pt")
+    with pytest.raises(UserError, match="not a checkpoint of this teaching configuration"):
+        train.main(toy(), run_dir=tmp_path, progress=False)
