@@ -150,9 +150,9 @@ def _load_state(target, state):
         target.load_state_dict(state)
 
 
-def save_checkpoint(path, method, step, wall_time):
+def save_checkpoint(path, method, step, wall_time, means):
     state = {"format": CHECKPOINT_FORMAT, "method": method.state_dict(), "step": step,
-             "wall_time_s": wall_time, "random": random_states()}
+             "wall_time_s": wall_time, "random": random_states(), "interval": means.state_dict()}
     atomic_write(path, lambda temporary: torch.save(state, temporary))
 
 
@@ -187,6 +187,12 @@ class IntervalMeans:
         self.sums, self.counts = {}, {}
         return means
 
+    def state_dict(self):  # a checkpoint between two logs keeps the interval's sums: logs resume exactly
+        return {"sums": dict(self.sums), "counts": dict(self.counts)}
+
+    def load_state_dict(self, state):
+        self.sums, self.counts = dict(state["sums"]), dict(state["counts"])
+
 
 def run(method, context):
     """Run ``method`` to the end (or to divergence) and return its results."""
@@ -196,9 +202,11 @@ def run(method, context):
     wall_time = resumed["wall_time_s"] if resumed else 0.0
     context.tracker = tracker = Tracker(context.run_dir, purge_step=start if resumed else None)
     method.setup()
+    means = IntervalMeans()
     if resumed:
         try:
             method.load_state_dict(resumed["method"])
+            means.load_state_dict(resumed["interval"])
         except (KeyError, RuntimeError, ValueError, TypeError) as error:
             raise UserError(f"{checkpoint_path}: not a checkpoint of this teaching configuration "
                             f"({type(error).__name__})") from None
@@ -206,7 +214,6 @@ def run(method, context):
     else:
         method.begin()
     status, step = "finished", start
-    means = IntervalMeans()
     bar = tqdm(total=method.steps, initial=start, disable=not context.progress, desc=context.description,
                unit="step", dynamic_ncols=True, leave=False)
     started = time.perf_counter()
@@ -225,7 +232,7 @@ def run(method, context):
                 status = "diverged"
                 break
         if context.checkpoint_every and step % context.checkpoint_every == 0 and step < method.steps:
-            save_checkpoint(checkpoint_path, method, step, wall_time + time.perf_counter() - started)
+            save_checkpoint(checkpoint_path, method, step, wall_time + time.perf_counter() - started, means)
     results = {"status": status, "dataset": method.dataset_name, "outer_steps_done": step,
                "resumed_from_step": start, "final": {},
                "objective": context.divergence_penalty, "teaching": {}, "hyperparameters": {},

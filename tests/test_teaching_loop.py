@@ -116,8 +116,10 @@ def test_interrupted_run_resumes_from_its_checkpoint_bit_for_bit(tmp_path, monke
     assert resumed["resumed_from_step"] == 12 and whole["resumed_from_step"] == 0
     assert resumed["teaching"]["c"] == whole["teaching"]["c"] and resumed["final"] == whole["final"]
     assert not (tmp_path / "killed" / "checkpoint.pt").exists()
-    events = EventAccumulator(str(tmp_path / "killed"), size_guidance={"scalars": 0}).Reload()
-    assert [e.step for e in events.Scalars("Loss/Training")] == [5, 10, 15, 20]  # no step logged twice
+    logs = [EventAccumulator(str(tmp_path / name), size_guidance={"scalars": 0}).Reload().Scalars("Loss/Training")
+            for name in ("whole", "killed")]
+    assert [e.step for e in logs[1]] == [5, 10, 15, 20]  # no step logged twice
+    assert [e.value for e in logs[1]] == [e.value for e in logs[0]]  # interval 10-15 spans the checkpoint at 12
 
 
 def test_a_broken_checkpoint_is_a_user_error(tmp_path):
@@ -165,6 +167,9 @@ def test_sigkilled_teaching_run_resumes_bit_for_bit(tmp_path, algorithm):
     saved, again = (storage.load_teacher(path / "teacher.pt")["tensors"] for path in (tmp_path / "whole",
                                                                                       tmp_path / "killed"))
     assert saved.keys() == again.keys() and all(torch.equal(saved[name], again[name]) for name in saved)
+    logs = [EventAccumulator(str(tmp_path / name), size_guidance={"scalars": 0}).Reload() for name in ("whole", "killed")]
+    for tag in ("Loss/Training", "Loss/Validation"):  # the killed process's events after its checkpoint are purged
+        assert [(e.step, e.value) for e in logs[1].Scalars(tag)] == [(e.step, e.value) for e in logs[0].Scalars(tag)]
 
 
 def test_train_with_commentary_refuses_teachers_it_cannot_use_in_one_line(tmp_path):
@@ -185,6 +190,7 @@ def test_a_checkpoint_of_another_configuration_is_a_user_error(tmp_path):
     from commentaries.loop import CHECKPOINT_FORMAT
 
     torch.save({"format": CHECKPOINT_FORMAT, "method": {"other": torch.zeros(())}, "step": 3,
-                "wall_time_s": 0.0, "random": train.random_states()}, tmp_path / "checkpoint.pt")
+                "wall_time_s": 0.0, "random": train.random_states(), "interval": {"sums": {}, "counts": {}}},
+               tmp_path / "checkpoint.pt")
     with pytest.raises(UserError, match="not a checkpoint of this teaching configuration"):
         train.main(toy(), run_dir=tmp_path, progress=False)
