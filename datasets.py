@@ -70,12 +70,15 @@ class Data:
     input_shape: tuple
     target_scale: torch.Tensor | None
     name: str
+    extras: dict = dataclasses.field(default_factory=dict)  # per-example facts for plots (angles, quadrants)
 
     def to(self, device):
         """A copy with every tensor on ``device``."""
         moved = {field.name: getattr(self, field.name).to(device)
                  for field in dataclasses.fields(self)
                  if isinstance(getattr(self, field.name), torch.Tensor)}
+        moved["extras"] = {key: value.to(device) if torch.is_tensor(value) else value
+                           for key, value in self.extras.items()}
         return dataclasses.replace(self, **moved)
 
 
@@ -220,17 +223,43 @@ def permuted_sklearn_split(inputs, targets, test_proportion=0.2):
 
 
 @DATASETS.register("Digits")
-def digits(validation_proportion, data_root, normalise_inputs=False, subset=None):
+def digits(validation_proportion, data_root, normalise_inputs=False, subset=None, image_size=8,
+           validation_size=None, test_size=None, seed=0, source="digits", max_examples=0):
     """scikit-learn's bundled 8x8 handwritten digits (1797 images, 10 classes):
-    offline, so the demo and the tests run anywhere."""
-    from sklearn.datasets import load_digits
-    bunch = load_digits()
-    inputs = torch.tensor(bunch.images, dtype=torch.float32).unsqueeze(1) / 16.0
-    targets = torch.tensor(bunch.target, dtype=torch.int64)
-    pool_x, pool_y, test_x, test_y = permuted_sklearn_split(inputs, targets)
-    return split_pool(pool_x, pool_y, test_x, test_y, validation_proportion=validation_proportion,
-                      normalise_inputs=normalise_inputs, normalise_outputs=False,
-                      task="classification", output_size=10, name="Digits", subset=subset)
+    offline, so the demo and the tests run anywhere.
+
+    By default the paper's split (the fixed seed-0 row order, the last 20% for
+    test, ``validation_proportion`` of the rest for validation). With
+    ``validation_size`` and ``test_size`` (the teaching configs): fixed-size
+    validation and test sets from a ``seed`` permutation, the rest for
+    training. ``image_size`` resizes (bilinear); ``source: mnist`` takes the
+    images from MNIST's training files under the data root instead;
+    ``max_examples`` keeps a random subset first."""
+    images, labels = base_images(source, data_root)
+    if (validation_size is None) != (test_size is None):
+        raise ValueError("give both validation_size and test_size, or neither")
+    if validation_size is None:
+        if seed != 0 or max_examples or source != "digits":
+            raise ValueError("seed, max_examples and source apply with validation_size and test_size only")
+        pool_x, pool_y, test_x, test_y = permuted_sklearn_split(resize(images, image_size), labels)
+        return split_pool(pool_x, pool_y, test_x, test_y, validation_proportion=validation_proportion,
+                          normalise_inputs=normalise_inputs, normalise_outputs=False,
+                          task="classification", output_size=10, name="Digits", subset=subset)
+    if normalise_inputs or subset is not None:
+        raise ValueError("normalise_inputs and subset apply to the proportional split only")
+    generator = torch.Generator().manual_seed(positive_integer(seed, "seed", 0))
+    if positive_integer(max_examples, "max_examples", 0):
+        keep = torch.randperm(len(images), generator=generator)[:max_examples]
+        images, labels = images[keep], labels[keep]
+    validation_size = positive_integer(validation_size, "validation_size")
+    test_size = positive_integer(test_size, "test_size")
+    if validation_size + test_size >= len(images):
+        raise ValueError(f"validation_size + test_size must leave training data (there are {len(images)} images)")
+    images = resize(images, image_size)
+    order = torch.randperm(len(images), generator=generator)
+    val, test = order[:validation_size], order[validation_size:validation_size + test_size]
+    train = order[validation_size + test_size:]
+    return classification_data("Digits", [(images[i], labels[i]) for i in (train, val, test)], 10)
 
 
 @DATASETS.register("Diabetes")
@@ -244,6 +273,137 @@ def diabetes(validation_proportion, data_root, normalise_inputs=True, normalise_
     return split_pool(pool_x, pool_y, test_x, test_y, validation_proportion=validation_proportion,
                       normalise_inputs=normalise_inputs, normalise_outputs=normalise_outputs,
                       task="regression", output_size=1, name="Diabetes", subset=subset)
+
+
+# ------------------------------------------- digit images for learning to teach
+#
+# Built from the embedded digits (or MNIST's training files where present,
+# ``source: mnist``). Source images are split into training / validation /
+# test groups *before* any example is generated, so no source digit appears in
+# two splits; construction uses the data's own ``seed`` (not the run's), so
+# every seed of an experiment sees the same data. Sizes are explicit, so
+# ``validation_proportion`` does not apply.
+
+def positive_integer(value, key, minimum=1, maximum=None):
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum \
+            or (maximum is not None and value > maximum):
+        bound = f" and at most {maximum}" if maximum is not None else ""
+        raise ValueError(f"{key} must be an integer of at least {minimum}{bound}, got {value!r}")
+    return value
+
+
+def base_images(source, data_root):
+    """``(images N×H×W in [0, 1], labels N)`` from the embedded digits or MNIST."""
+    if source == "digits":
+        from sklearn.datasets import load_digits
+
+        bunch = load_digits()
+        return torch.tensor(bunch.images, dtype=torch.float32) / 16.0, torch.tensor(bunch.target, dtype=torch.long)
+    if source != "mnist":
+        raise ValueError(f"source must be digits or mnist, got {source!r}")
+    import torchvision
+
+    try:
+        mnist = torchvision.datasets.MNIST(str(data_root), train=True, download=False)
+    except RuntimeError as error:
+        raise DataError(f"source: mnist: no MNIST files under {data_root}/MNIST ({error}); "
+                        f"use 'source: digits' or set HYPERGRAD_DATA") from None
+    return mnist.data.float() / 255.0, mnist.targets.long()
+
+
+def resize(images, size):
+    """N×H×W -> N×1×size×size (bilinear), in [0, 1]."""
+    positive_integer(size, "image_size", 4, 64)
+    images = images[:, None]
+    if images.shape[-1] != size:
+        images = torch.nn.functional.interpolate(images, size=(size, size), mode="bilinear", align_corners=False)
+    return images.clamp(0, 1)
+
+
+def rotate(images, degrees):
+    """Rotate N×C×H×W images by per-image angles (bilinear, zero padding)."""
+    radians = degrees * math.pi / 180.0
+    cos, sin = torch.cos(radians), torch.sin(radians)
+    zeros = torch.zeros_like(cos)
+    theta = torch.stack([torch.stack([cos, -sin, zeros], -1), torch.stack([sin, cos, zeros], -1)], 1)
+    grid = torch.nn.functional.affine_grid(theta, list(images.shape), align_corners=False)
+    return torch.nn.functional.grid_sample(images, grid, align_corners=False, padding_mode="zeros")
+
+
+def classification_data(name, splits, classes, extras=None):
+    """:class:`Data` from three ``(images, labels)`` pairs: training, validation, test."""
+    (train_x, train_y), (val_x, val_y), (test_x, test_y) = splits
+    return Data(training_inputs=train_x, training_targets=train_y, validation_inputs=val_x,
+                validation_targets=val_y, test_inputs=test_x, test_targets=test_y, task="classification",
+                output_size=classes, input_shape=tuple(train_x.shape[1:]), target_scale=None, name=name,
+                extras=extras or {})
+
+
+def split_sources(count, generator, fractions=(0.5, 0.2, 0.3)):
+    """Disjoint index groups of the given fractions of a random permutation."""
+    order = torch.randperm(count, generator=generator)
+    sizes = [int(round(f * count)) for f in fractions[:-1]]
+    sizes.append(count - sum(sizes))
+    return torch.split(order, sizes)
+
+
+ROTATIONS = {False: ((15.0, 45.0), (-45.0, -15.0)), True: ((-5.0, 30.0), (-30.0, 5.0))}
+
+
+@DATASETS.register("RotatedDigits")
+def rotated_digits(validation_proportion, data_root, overlapping=False, digit=1, source="digits", image_size=16,
+                   train_size=512, validation_size=256, test_size=512, seed=0):
+    """Images of one digit rotated by a class-dependent angle: class 0 is turned
+    anticlockwise by U[15°, 45°], class 1 clockwise by U[-45°, -15°]; with
+    ``overlapping: true`` the ranges are U[-5°, 30°] and U[-30°, 5°], so
+    near-upright examples are ambiguous. ``extras['*_angle']`` hold the angles."""
+    if not isinstance(overlapping, bool):
+        raise ValueError(f"overlapping must be true or false, got {overlapping!r}")
+    positive_integer(digit, "digit", 0, 9)
+    sizes = [positive_integer(train_size, "train_size"), positive_integer(validation_size, "validation_size"),
+             positive_integer(test_size, "test_size")]
+    images, labels = base_images(source, data_root)
+    images = resize(images[labels == digit], image_size)
+    generator = torch.Generator().manual_seed(positive_integer(seed, "seed", 0))
+    groups = split_sources(len(images), generator)
+    ranges = torch.tensor(ROTATIONS[overlapping])
+    splits, extras = [], {}
+    for name, group, size in zip(("training", "validation", "test"), groups, sizes):
+        label = torch.randint(0, 2, (size,), generator=generator)
+        low, high = ranges[label, 0], ranges[label, 1]
+        angle = low + (high - low) * torch.rand(size, generator=generator)
+        base = group[torch.randint(0, len(group), (size,), generator=generator)]
+        splits.append((rotate(images[base], angle), label))
+        extras[f"{name}_angle"] = angle
+    return classification_data("RotatedDigits" + ("Overlapping" if overlapping else ""), splits, 2, extras)
+
+
+@DATASETS.register("ColouredDigits")
+def coloured_digits(validation_proportion, data_root, source="digits", train_size=2048, validation_size=512,
+                    test_size=1024, seed=0):
+    """Two digits in two distinct random quadrants of a 2×2 grid, one red and one
+    blue; the label is the red digit. ``extras['*_red_quadrant']`` (0..3,
+    row-major) says where the answer is, for the mask plots."""
+    sizes = [positive_integer(train_size, "train_size"), positive_integer(validation_size, "validation_size"),
+             positive_integer(test_size, "test_size")]
+    images, labels = base_images(source, data_root)
+    generator = torch.Generator().manual_seed(positive_integer(seed, "seed", 0))
+    groups = split_sources(len(images), generator)
+    side = images.shape[-1]
+    splits, extras = [], {}
+    for name, group, size in zip(("training", "validation", "test"), groups, sizes):
+        red = group[torch.randint(0, len(group), (size,), generator=generator)]
+        blue = group[torch.randint(0, len(group), (size,), generator=generator)]
+        quadrants = torch.stack([torch.randperm(4, generator=generator)[:2] for _ in range(size)])
+        canvas = torch.zeros(size, 3, 2 * side, 2 * side)
+        for channel, source_index, quadrant in ((0, red, quadrants[:, 0]), (2, blue, quadrants[:, 1])):
+            for q in range(4):
+                rows = (quadrant == q).nonzero().flatten()
+                r, c = divmod(q, 2)
+                canvas[rows, channel, r * side:(r + 1) * side, c * side:(c + 1) * side] = images[source_index[rows]]
+        splits.append((canvas, labels[red]))
+        extras[f"{name}_red_quadrant"] = quadrants[:, 0]
+    return classification_data("ColouredDigits", splits, 10, extras)
 
 
 # ------------------------------------------------------------------------ UCI

@@ -21,7 +21,7 @@ from registry import Registry
 
 MODELS = Registry("model")
 LOSSES = Registry("loss")
-ACTIVATIONS = {"ReLU": nn.ReLU, "Tanh": nn.Tanh, "Sigmoid": nn.Sigmoid, "GELU": nn.GELU}
+ACTIVATIONS = {"ReLU": nn.ReLU, "Tanh": nn.Tanh, "Sigmoid": nn.Sigmoid, "GELU": nn.GELU, "ELU": nn.ELU}
 
 
 def activation(name):
@@ -91,13 +91,19 @@ class BatchNorm2d(TransformSafeBatchNorm, nn.BatchNorm2d):
 @MODELS.register("MLP", aliases=["MultiLayerPerceptron"])
 class MLP(nn.Module):
     """Fully connected network on flattened inputs; one activation throughout,
-    none after the last layer. With ``batch_norm`` each hidden layer is
+    none after the last layer. ``layer_sizes`` gives every width;
+    ``hidden`` only the hidden ones (the data sets the others). With ``batch_norm`` each hidden layer is
     Linear (no bias, as BatchNorm's shift replaces it) -> BatchNorm -> activation,
     as in the paper's Fashion-MNIST BatchNorm experiment."""
 
-    def __init__(self, layer_sizes, activation_function="ReLU", batch_norm=False,
-                 input_shape=None, output_size=None):
+    def __init__(self, layer_sizes=None, activation_function="ReLU", batch_norm=False,
+                 input_shape=None, output_size=None, hidden=None):
         super().__init__()
+        if (layer_sizes is None) == (hidden is None):
+            raise ValueError("give either layer_sizes or hidden (the hidden sizes; input and output "
+                             "sizes then come from the data)")
+        if hidden is not None:  # the teaching configs' form: {class: MLP, hidden: [64]}
+            layer_sizes = [math.prod(input_shape), *hidden, output_size]
         layer_sizes = [int(size) for size in layer_sizes]
         activation(activation_function)  # reject a bad name even without hidden layers
         if len(layer_sizes) < 2:
@@ -122,7 +128,26 @@ class MLP(nn.Module):
         return self.layers(inputs)
 
 
+@MODELS.register("Linear")
+def linear(input_shape, output_size):
+    """Multinomial logistic regression on flattened inputs (an MLP without
+    hidden layers): the convex student of the exact teaching tests."""
+    return MLP(hidden=[], input_shape=input_shape, output_size=output_size)
+
+
 # ---------------------------------------------------------------------- CNNs
+
+@MODELS.register("CNN")
+def cnn(in_channels, num_classes, input_shape, width=16, activation_function="ReLU"):
+    """Two blocks of (3x3 conv, activation, 2x2 max-pool) and a linear head, no
+    BatchNorm: the small students and teachers of learning to teach, whose
+    weights are all parameters (``functional_call`` with no buffers)."""
+    spatial = input_shape[-1] // 4
+    return nn.Sequential(
+        nn.Conv2d(in_channels, width, 3, padding=1), activation(activation_function), nn.MaxPool2d(2),
+        nn.Conv2d(width, width, 3, padding=1), activation(activation_function), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(width * spatial * spatial, num_classes))
+
 
 class BlockCNN(nn.Module):
     """Conv(3x3) -> BatchNorm -> ReLU -> MaxPool(2) blocks, global average

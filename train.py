@@ -19,7 +19,6 @@ import sys
 import time
 from datetime import datetime
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 from tqdm import tqdm
@@ -300,19 +299,20 @@ def hparam_summary(cfg):
 
 
 def run_teaching(cfg, run_dir, device, progress):
+    """A ``teaching`` config: the method's own loop settings come from its
+    section; logging, divergence, checkpoints and resume from the run's keys."""
     import commentaries
-    tracker = Tracker(run_dir)
-    context = SimpleNamespace(run_dir=run_dir, writer=tracker.writer, device=device,
-                              seed=cfg["seed"], progress=progress)
-    started = time.perf_counter()
+    from commentaries.loop import Context
+
+    context = Context(run_dir=run_dir, device=device, seed=cfg["seed"], progress=progress,
+                      description=cfg["algorithm"], checkpoint_every=cfg["checkpoint_every"],
+                      divergence_penalty=cfg["divergence_penalty"],
+                      validation_proportion=cfg["validation_proportion"], data_root=cfg["data_root"])
     try:
         results = commentaries.run(cfg["teaching"], context, where=cfg.where("teaching"))
     except UserError as error:  # deep checks know the key; name its file too
         raise UserError(configuration.locate(cfg, str(error))) from None
-    results.setdefault("status", "finished")
-    results["wall_time_s"] = time.perf_counter() - started
     results.update(algorithm=cfg["algorithm"], seed=cfg["seed"], run_dir=str(run_dir))
-    tracker.close()
     return results
 
 

@@ -3,7 +3,7 @@ example-weighting commentaries, with and without the memory-bounded modes.
 
 Backpropagating through ``K`` inner steps keeps every step's graph alive, so
 memory grows linearly in ``K``. The bounded modes of
-``commentaries.common.unrolled_hypergradient`` cap it:
+``commentaries.bilevel.unrolled_hypergradient`` cap it:
 
 * ``chunk_size=C``: exact gradient checkpointing -- only every ``C``-th weight
   state is kept; chunks are recomputed one at a time in the backward pass
@@ -20,7 +20,6 @@ the checkpointed gradient equals the full one.
     python bench/commentary_memory.py --device cuda --inner-steps 50 200 800
 """
 import argparse
-import json
 import pathlib
 import sys
 import time
@@ -30,9 +29,10 @@ import torch
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import datasets  # noqa: E402
 from commentaries import example_weighting  # noqa: E402
-from commentaries.common import SavedTensorMeter, atomic_write_bytes, build_student, fresh_weights  # noqa: E402
-from commentaries.data import build_data  # noqa: E402
+from commentaries.common import SavedTensorMeter, build_student, fresh_weights  # noqa: E402
+from train import write_json  # noqa: E402
 
 
 def measure(problem, make_student, hyper, device, modes):
@@ -66,11 +66,12 @@ def main(argv=None):
     arguments = parser.parse_args(argv)
 
     device = torch.device(arguments.device)
-    data = build_data({"class": "RotatedDigits", "overlapping": True, "image_size": 16}).to(device)
+    data = datasets.load_data({"class": "RotatedDigits", "overlapping": True, "image_size": 16},
+                              validation_proportion=0.2).to(device)
     spec = {"class": "CNN", "width": 16} if arguments.student == "CNN" else {"class": "MLP", "hidden": [64]}
-    make_student = lambda: build_student(spec, "student", **data.shape()).to(device)  # noqa: E731
+    make_student = lambda: build_student(spec, data, "student").to(device)  # noqa: E731
     torch.manual_seed(0)
-    teacher = example_weighting.build_teacher(1, data.image_size, True, 8).to(device)
+    teacher = example_weighting.build_teacher(data.input_shape, True, 8).to(device)
     hyper = tuple(teacher.parameters())
     rows = []
     print(f"device {device}, student {spec}, batch {arguments.batch_size}, "
@@ -95,7 +96,7 @@ def main(argv=None):
             cuda = "-" if cuda_peak is None else f"{cuda_peak / 2**20:.1f}"
             print(f"| {steps} | {mode} | {peak / 2**20:.1f} | {cuda} | {seconds:.2f} | {difference:.1e} |", flush=True)
     if arguments.output:
-        atomic_write_bytes(arguments.output, json.dumps(rows, indent=1).encode())
+        write_json(arguments.output, rows)
     return rows
 
 

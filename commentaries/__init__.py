@@ -11,27 +11,28 @@ or the implicit function theorem with a truncated Neumann series
       class: ExampleWeighting     # a name in TEACHERS
       ...                         # that method's options
 
-Each registered constructor takes its options plus ``context`` (run
-directory, TensorBoard writer, device, seed, progress flag) and returns the
-run's results dictionary (``status``, ``final`` metrics, ``objective``).
+Each method is a :class:`commentaries.loop.TeachingMethod` registered in
+:data:`TEACHERS`; :func:`commentaries.loop.run` is the one loop they all run
+in. Adding a method is one registered class in any module of this package
+(or anywhere that is imported): every submodule is imported with the package,
+and nothing else lists the methods.
 """
 import importlib
+import pkgutil
 
 from registry import Registry
 
 TEACHERS = Registry("teaching")
 
-# Fixed list, not read from configs: configs name registry entries only.
-_METHOD_MODULES = ("example_weighting", "augmentation", "attention", "storage", "gtn",
-                   "auxilearn")
-
-
-def _import_methods():
-    for module in _METHOD_MODULES:  # imported late: they import TEACHERS from here
-        importlib.import_module(f"commentaries.{module}")
-
 
 def run(spec, context, where="teaching"):
-    """Build the teaching method named by ``spec['class']`` and run it."""
-    _import_methods()
-    return TEACHERS.build(spec, where, context=context)
+    """Build the teaching method named by ``spec['class']`` and run it to the end."""
+    from commentaries import loop
+
+    method = TEACHERS.build(spec, where, context=context)
+    method.name = next(name for name in TEACHERS.names() if TEACHERS.get(name) is type(method))
+    return loop.run(method, context)
+
+
+for _module in pkgutil.iter_modules(__path__):  # registration on import: no list of methods to edit
+    importlib.import_module(f"{__name__}.{_module.name}")

@@ -13,20 +13,20 @@ Baselines (``masks:``): ``random`` centres drawn uniformly per image,
 ``permuted`` (the learned masks of a batch assigned to other images),
 ``none`` (the unmasked image).
 """
+import types
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from commentaries import TEACHERS
-from commentaries import storage
+from commentaries import TEACHERS, storage
+from commentaries.bilevel import implicit_hypergradient
 from commentaries.common import (
-    RunningMean, build_student, check_choice, check_float, check_int, check_list, evaluation_generator,
-    fresh_weights, implicit_hypergradient, log_interval_losses, log_scalars, mean_metrics, progress_bar,
-    save_figure, set_grads, train_student)
-from commentaries.data import build_data
+    FrozenTeaching, build_student, check_choice, check_float, check_int, evaluation_generator, evaluation_options,
+    fresh_weights, save_figure, set_grads, train_students)
+from commentaries.loop import TeachingMethod
 
-KIND = "attention"
 MASKS = ("learned", "random", "permuted", "none")
 
 
@@ -65,8 +65,9 @@ def random_centres(count, height, width, device, generator=None):
     return uniform * torch.tensor([height - 1.0, width - 1.0], device=device)
 
 
-class Masker:
-    """Applies a frozen mask policy (``learned``/``random``/``permuted``/``none``)."""
+class Masker(FrozenTeaching):
+    """Applies a frozen mask policy (``learned``/``random``/``permuted``/``none``)
+    to the images a student sees, in training and at test time."""
 
     def __init__(self, kind, teacher=None, teacher_params=None, sigma=3.0):
         self.kind, self.teacher, self.params, self.sigma = kind, teacher, teacher_params, sigma
@@ -86,6 +87,12 @@ class Masker:
             return x
         return x * gaussian_masks(self.centres(x), *x.shape[-2:], self.sigma)
 
+    def loss(self, model, x, y, progress):
+        return F.cross_entropy(model(self(x)), y)
+
+    def predict(self, model, x):
+        return model(self(x))
+
 
 # ----------------------------------------------------------------------------
 # Learning the teacher jointly with a student (Algorithm 2)
@@ -97,66 +104,15 @@ def masked_loss(student, weights, teacher, hyper, names, x, y, sigma):
     return F.cross_entropy(functional_call(student, weights, (masked,)), y)
 
 
-def learn_teacher(teacher, data, student_spec, *, steps, lr, teacher_lr, batch_size, hyper_every, neumann_steps,
-                  neumann_lr, sigma, validation_batch, generator, context, log_interval):
-    device = data.train_x.device
-    student = build_student(student_spec, "teaching.student", **data.shape()).to(device)
-    weights = fresh_weights(student, device)
-    params = dict(teacher.named_parameters())
-    names, hyper = list(params), tuple(params.values())
-    inner = torch.optim.Adam(weights.values(), lr=lr)
-    outer = torch.optim.Adam(hyper, lr=teacher_lr)
-    running = RunningMean(device)
-    with progress_bar(steps, context, "attention teacher (Algorithm 2)") as bar:
-        for step in range(steps):
-            indices = torch.randint(0, len(data.train_x), (batch_size,), generator=generator).to(device)
-            x, y = data.train_x[indices], data.train_y[indices]
-            training_loss = lambda w, h: masked_loss(student, w, teacher, h, names, x, y, sigma)  # noqa: E731
-            loss = training_loss(weights, hyper)
-            inner.zero_grad(set_to_none=True)
-            loss.backward(inputs=list(weights.values()))
-            inner.step()
-            if (step + 1) % hyper_every == 0:
-                val_indices = torch.randint(0, len(data.val_x), (validation_batch,), generator=generator).to(device)
-                vx, vy = data.val_x[val_indices], data.val_y[val_indices]
-                validation_loss = lambda w, h: masked_loss(student, w, teacher, h, names, vx, vy, sigma)  # noqa: E731
-                val, hypergrad = implicit_hypergradient(training_loss, validation_loss, weights, hyper,
-                                                        neumann_steps, neumann_lr)
-                set_grads(hyper, hypergrad)
-                outer.step()
-                running.add(val)
-            bar.update()
-            if (step + 1) % log_interval == 0 or step + 1 == steps:
-                log_interval_losses(context.writer, loss, running, step + 1)
-    return teacher
-
-
-# ----------------------------------------------------------------------------
-# Evaluation, objective, plot, reuse
-
-
-def evaluate_masks(masker, data, student_specs, options, context, generator, prefix="Evaluation"):
-    """Train fresh students on masked images (masked at test time too)."""
-    results = []
-    for spec in student_specs:
-        name = spec["class"] if isinstance(spec, dict) else str(spec)
-        model = build_student(spec, "teaching.evaluation_students", **data.shape()).to(context.device)
-        batch_loss = lambda m, x, y, progress, indices: F.cross_entropy(m(masker(x)), y)  # noqa: E731
-        results.append(train_student(model, data, batch_loss, lambda m, x: m(masker(x)), generator=generator,
-                                     context=context, prefix=f"{prefix}/{name}/", description=f"student {name}",
-                                     **options))
-    return mean_metrics(results)
-
-
-def mask_objective(masker, data, student_spec, options, seeds, context):
+def mask_objective(masker, data, student_spec, options, seeds, device):
     """Validation loss of fresh students trained with the frozen masks from
     fixed seeds: the objective the teacher is trained to lower."""
-    quiet = type("Quiet", (), {"writer": None, "progress": False, "device": context.device})()
+    quiet = types.SimpleNamespace(tracker=None, device=device)
     losses = []
     for seed in seeds:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(10_000 + seed)
-            metrics = evaluate_masks(masker, data, [student_spec], options, quiet,
+            metrics = train_students([student_spec], data, masker, options, quiet,
                                      torch.Generator().manual_seed(20_000 + seed))
         losses.append(metrics["Loss/Validation"])
     return sum(losses) / len(losses)
@@ -170,7 +126,7 @@ def plot_masks(masker, data, context, step, count=8):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    x = data.val_x[:count]
+    x = data.validation_inputs[:count]
     centres = masker.centres(x)
     masks = gaussian_masks(centres, *x.shape[-2:], masker.sigma).cpu().numpy()
     centres = centres.cpu().numpy()
@@ -178,7 +134,7 @@ def plot_masks(masker, data, context, step, count=8):
     figure, axes = plt.subplots(3, count, figsize=(1.4 * count, 4.6))
     for i in range(count):
         axes[0, i].imshow(images[i])
-        axes[0, i].set_title(f"label {int(data.val_y[i])}", fontsize=8)
+        axes[0, i].set_title(f"label {int(data.validation_targets[i])}", fontsize=8)
         axes[1, i].imshow(masks[i, 0], cmap="gray", vmin=0, vmax=1)
         axes[1, i].plot(centres[i, 1], centres[i, 0], "r+", markersize=8)
         axes[2, i].imshow(images[i] * masks[i, 0][:, :, None])
@@ -194,18 +150,10 @@ def plot_masks(masker, data, context, step, count=8):
 def red_quadrant_hit_rate(teacher, params, data):
     """Fraction of test images whose mask centre lies in the red digit's quadrant."""
     with torch.no_grad():
-        centres = mask_centres(teacher, params, data.test_x)
-    half = torch.tensor(data.test_x.shape[-2:], device=centres.device) / 2
+        centres = mask_centres(teacher, params, data.test_inputs)
+    half = torch.tensor(data.test_inputs.shape[-2:], device=centres.device) / 2
     quadrant = (centres[:, 0] >= half[0]).long() * 2 + (centres[:, 1] >= half[1]).long()
     return float((quadrant == data.extras["test_red_quadrant"]).float().mean())
-
-
-def train_student_with_commentary(payload, data, student, options, context, generator):
-    """Entry point of ``TrainWithCommentary`` for a saved attention teacher."""
-    teacher = build_teacher(data.in_channels, payload["teacher"]["width"]).to(context.device)
-    teacher.load_state_dict(payload["tensors"])
-    masker = Masker("learned", teacher, dict(teacher.named_parameters()), payload["teacher"]["sigma"])
-    return evaluate_masks(masker, data, [student or {"class": "CNN"}], options, context, generator, prefix="Student")
 
 
 # ----------------------------------------------------------------------------
@@ -213,76 +161,134 @@ def train_student_with_commentary(payload, data, student, options, context, gene
 
 
 @TEACHERS.register("AttentionMasks")
-def attention_masks(*, context, data=None, masks="learned", commentary=None, sigma=3.0, teacher_width=16,
-                    student=None, steps=500, lr=0.001, teacher_lr=0.001, batch_size=64, hyper_every=1,
-                    neumann_steps=1, neumann_lr=0.1, validation_batch=256, evaluation_students=None,
-                    evaluation_steps=500, evaluation_lr=0.001, objective_seeds=1, log_interval=25):
+class AttentionMasks(TeachingMethod):
     """Learn an attention teacher jointly with a student (Algorithm 2), unless
     ``commentary:`` names a saved one, and train fresh students with the
     chosen masks (``learned`` or a baseline); ``objective`` is their mean
-    final validation loss."""
-    check_choice(masks, "masks", MASKS)
-    check_float(sigma, "sigma", 0.0, strict_minimum=True)
-    for key, value in (("teacher_width", teacher_width), ("steps", steps), ("batch_size", batch_size),
-                       ("hyper_every", hyper_every), ("neumann_steps", neumann_steps),
-                       ("validation_batch", validation_batch), ("evaluation_steps", evaluation_steps),
-                       ("objective_seeds", objective_seeds), ("log_interval", log_interval)):
-        check_int(value, key, 1)
-    for key, value in (("lr", lr), ("neumann_lr", neumann_lr), ("evaluation_lr", evaluation_lr)):
-        check_float(value, key, 0.0, strict_minimum=True)
-    check_float(teacher_lr, "teacher_lr", 0.0)
-    evaluation_students = check_list(evaluation_students or [{"class": "CNN"}], "evaluation_students")
+    final validation loss. One outer step is one Adam step of the student on
+    masked images and, every ``hyper_every`` steps, a teacher step along the
+    implicit hypergradient of a masked validation batch's loss."""
 
-    device = context.device
-    dataset = build_data(data).to(device)
-    if dataset.in_channels != 3:
-        raise ValueError(f"attention masks need colour images; {dataset.name} has {dataset.in_channels} channel(s)")
-    generator = torch.Generator().manual_seed(context.seed)
-    student_spec = student or {"class": "CNN", "width": 16}
-    evaluation = {"steps": evaluation_steps, "lr": evaluation_lr, "optimiser": "Adam", "batch_size": batch_size,
-                  "log_interval": min(log_interval, evaluation_steps)}
-    results = {"status": "finished", "dataset": dataset.name}
-    teacher = params = None
-    if masks in ("learned", "permuted"):
-        if commentary is not None:
-            payload = storage.load_commentary(commentary)
-            if payload["kind"] != KIND:
-                raise ValueError(f"commentary {commentary} is a {payload['kind']} commentary, not {KIND}")
-            teacher = build_teacher(dataset.in_channels, payload["teacher"]["width"]).to(device)
-            teacher.load_state_dict(payload["tensors"])
-            sigma = payload["teacher"]["sigma"]
-            params = dict(teacher.named_parameters())
-        else:
-            teacher = build_teacher(dataset.in_channels, teacher_width).to(device)
-            params = dict(teacher.named_parameters())
-            seeds = range(objective_seeds)
-            initial = mask_objective(Masker("learned", teacher, params, sigma), dataset, student_spec, evaluation,
-                                     seeds, context)
-            initial_hits = red_quadrant_hit_rate(teacher, params, dataset)
-            learn_teacher(teacher, dataset, student_spec, steps=steps, lr=lr, teacher_lr=teacher_lr,
-                          batch_size=batch_size, hyper_every=hyper_every, neumann_steps=neumann_steps,
-                          neumann_lr=neumann_lr, sigma=sigma, validation_batch=validation_batch,
-                          generator=generator, context=context, log_interval=log_interval)
-            learned = mask_objective(Masker("learned", teacher, params, sigma), dataset, student_spec, evaluation,
-                                     seeds, context)
-            results["teaching"] = {"objective_initial": initial, "objective_learned": learned,
-                                   "red_quadrant_hits_initial": initial_hits,
-                                   "red_quadrant_hits_learned": red_quadrant_hit_rate(teacher, params, dataset)}
-            hits = results["teaching"]["red_quadrant_hits_learned"]
-            log_scalars(context.writer, {"Commentary/Objective_Initial": initial,
-                                         "Commentary/Objective_Learned": learned,
-                                         "Commentary/Red_Quadrant_Hits": hits}, steps)
-            path = storage.save_commentary(
-                context.run_dir / "commentary.pt", kind=KIND, tensors=teacher.state_dict(), dataset=dataset.spec,
-                learned_by={"algorithm": "implicit (Algorithm 2)", "steps": steps, "neumann_steps": neumann_steps,
-                            "seed": context.seed},
-                config={"teacher_lr": teacher_lr, "lr": lr, "batch_size": batch_size, "student": student_spec},
-                teacher={"width": teacher_width, "sigma": sigma})
-            results["commentary_file"] = str(path)
-    masker = Masker(masks, teacher, params, sigma)
-    if masks != "none":
-        plot_masks(masker, dataset, context, steps)
-    final = evaluate_masks(masker, dataset, evaluation_students, evaluation, context,
-                           evaluation_generator(context.seed))
-    results.update(final=final, objective=final["Loss/Validation"])
-    return results
+    def __init__(self, *, context, data=None, masks="learned", commentary=None, sigma=3.0, teacher_width=16,
+                 student=None, steps=500, lr=0.001, teacher_lr=0.001, batch_size=64, hyper_every=1,
+                 neumann_steps=1, neumann_lr=0.1, validation_batch=256, evaluation_students=None,
+                 evaluation_steps=500, evaluation_lr=0.001, objective_seeds=1, log_interval=25):
+        self.masks = check_choice(masks, "masks", MASKS)
+        self.sigma = check_float(sigma, "sigma", 0.0, strict_minimum=True)
+        for key, value in (("teacher_width", teacher_width), ("steps", steps), ("batch_size", batch_size),
+                           ("hyper_every", hyper_every), ("neumann_steps", neumann_steps),
+                           ("validation_batch", validation_batch), ("evaluation_steps", evaluation_steps),
+                           ("objective_seeds", objective_seeds), ("log_interval", log_interval)):
+            check_int(value, key, 1)
+        for key, value in (("lr", lr), ("neumann_lr", neumann_lr), ("evaluation_lr", evaluation_lr)):
+            check_float(value, key, 0.0, strict_minimum=True)
+        check_float(teacher_lr, "teacher_lr", 0.0)
+        self.evaluation_students, self.evaluation = evaluation_options(
+            evaluation_students, steps=evaluation_steps, lr=evaluation_lr, batch_size=batch_size,
+            log_interval=log_interval)
+        self.commentary, self.teacher_width = commentary, teacher_width
+        self.student_lr, self.teacher_lr, self.batch_size, self.hyper_every = lr, teacher_lr, batch_size, hyper_every
+        self.neumann_steps, self.neumann_lr, self.validation_batch = neumann_steps, neumann_lr, validation_batch
+        self.objective_seeds, self.log_interval = range(objective_seeds), log_interval
+        self.student_spec = student or {"class": "CNN", "width": 16}
+        self.use_data(data, context)
+        if self.data.input_shape[0] != 3:
+            raise ValueError(f"attention masks need colour images; {self.data.name} has "
+                             f"{self.data.input_shape[0]} channel(s)")
+        self.saved = None
+        if commentary is not None and self.masks in ("learned", "permuted"):
+            self.saved = storage.load_teacher(commentary, method="AttentionMasks")
+            self.sigma, self.teacher_width = self.saved["teacher"]["sigma"], self.saved["teacher"]["width"]
+        self.learning = self.masks in ("learned", "permuted") and commentary is None
+        self.steps = steps if self.learning else 0
+        self.record = {}
+
+    def setup(self):
+        device = self.context.device
+        self.generator = torch.Generator().manual_seed(self.context.seed)
+        self.teacher = None
+        if self.masks not in ("learned", "permuted"):
+            return
+        self.teacher = build_teacher(self.data.input_shape[0], self.teacher_width).to(device)
+        if self.saved is not None:
+            self.teacher.load_state_dict(self.saved["tensors"])
+        self.params = dict(self.teacher.named_parameters())
+        self.names, self.hyper = list(self.params), tuple(self.params.values())
+        if self.learning:
+            self.student = build_student(self.student_spec, self.data, "teaching.student").to(device)
+            self.weights = fresh_weights(self.student, device)
+            self.inner = torch.optim.Adam(self.weights.values(), lr=self.student_lr)
+            self.outer = torch.optim.Adam(self.hyper, lr=self.teacher_lr)
+
+    def checkpointed(self):
+        if not self.learning:
+            return {}
+        return {"teacher": self.teacher, "weights": self.weights, "inner": self.inner, "outer": self.outer,
+                "generator": self.generator, "record": self.record}
+
+    def masker(self, kind="learned"):
+        return Masker(kind, self.teacher, getattr(self, "params", None), self.sigma)
+
+    def begin(self):
+        if self.learning:
+            self.record["objective_initial"] = mask_objective(self.masker(), self.data, self.student_spec,
+                                                              self.evaluation, self.objective_seeds,
+                                                              self.context.device)
+            self.record["red_quadrant_hits_initial"] = red_quadrant_hit_rate(self.teacher, self.params, self.data)
+
+    def masked_loss(self, x, y):
+        return masked_loss(self.student, self.weights, self.teacher, self.hyper, self.names, x, y, self.sigma)
+
+    def outer_step(self, step):
+        data, device = self.data, self.context.device
+        indices = torch.randint(0, len(data.training_inputs), (self.batch_size,), generator=self.generator)
+        indices = indices.to(device)
+        x, y = data.training_inputs[indices], data.training_targets[indices]
+        loss = self.masked_loss(x, y)
+        self.inner.zero_grad(set_to_none=True)
+        loss.backward(inputs=list(self.weights.values()))
+        self.inner.step()
+        metrics = {"Loss/Training": loss.detach()}
+        if (step + 1) % self.hyper_every == 0:
+            chosen = torch.randint(0, len(data.validation_inputs), (self.validation_batch,), generator=self.generator)
+            chosen = chosen.to(device)
+            validation = self.masked_loss(data.validation_inputs[chosen], data.validation_targets[chosen])
+            hypergrad = implicit_hypergradient(validation, self.masked_loss(x, y), self.hyper,
+                                               list(self.weights.values()), self.neumann_lr, self.neumann_steps)
+            set_grads(self.hyper, hypergrad)
+            self.outer.step()
+            metrics["Loss/Validation"] = validation.detach()
+        return metrics
+
+    def finish(self, steps_done):
+        teaching = dict(self.record)
+        if self.learning:
+            teaching["objective_learned"] = mask_objective(self.masker(), self.data, self.student_spec,
+                                                           self.evaluation, self.objective_seeds,
+                                                           self.context.device)
+            teaching["red_quadrant_hits_learned"] = red_quadrant_hit_rate(self.teacher, self.params, self.data)
+            for tag, key in (("Objective_Initial", "objective_initial"), ("Objective_Learned", "objective_learned"),
+                             ("Red_Quadrant_Hits", "red_quadrant_hits_learned")):
+                self.context.tracker.scalar(f"Commentary/{tag}", teaching[key], steps_done)
+        masker = self.masker(self.masks)
+        if self.masks != "none":
+            plot_masks(masker, self.data, self.context, steps_done)
+        final = train_students(self.evaluation_students, self.data, masker, self.evaluation, self.context,
+                               evaluation_generator(self.context.seed))
+        return {"final": final, "teaching": teaching}
+
+    def export(self):
+        if not self.learning:
+            return None
+        return {"tensors": self.teacher.state_dict(), "dataset": self.data_spec,
+                "learned_by": {"algorithm": "implicit (Algorithm 2)", "steps": self.steps,
+                               "neumann_steps": self.neumann_steps, "seed": self.context.seed},
+                "config": {"teacher_lr": self.teacher_lr, "lr": self.student_lr, "batch_size": self.batch_size,
+                           "student": self.student_spec},
+                "teacher": {"width": self.teacher_width, "sigma": self.sigma}}
+
+    @classmethod
+    def frozen_teaching(cls, payload, data, device):
+        teacher = build_teacher(data.input_shape[0], payload["teacher"]["width"]).to(device)
+        teacher.load_state_dict(payload["tensors"])
+        return Masker("learned", teacher, dict(teacher.named_parameters()), payload["teacher"]["sigma"])

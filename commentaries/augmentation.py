@@ -16,19 +16,19 @@ Policies (``policy:``) for evaluating fresh students with a frozen commentary:
 ``random`` (λ ~ U[0.5, 1] per class pair); ``mixup`` (λ ~ Beta(α, α) per
 example, Zhang et al. 2018); ``none`` (no blending).
 """
+import types
+
 import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from commentaries import TEACHERS
-from commentaries import storage
+from commentaries import TEACHERS, storage
+from commentaries.bilevel import implicit_hypergradient, sgd_steps, unrolled_hypergradient
 from commentaries.common import (
-    RunningMean, build_student, check_choice, check_float, check_int, check_list, evaluation_generator,
-    fresh_weights, implicit_hypergradient, log_interval_losses, log_scalars, mean_metrics, progress_bar,
-    save_figure, set_grads, soft_cross_entropy, train_student, unrolled_hypergradient, _sgd_steps)
-from commentaries.data import build_data
+    FrozenTeaching, build_student, check_choice, check_float, check_int, evaluation_generator, evaluation_options,
+    fresh_weights, save_figure, set_grads, soft_cross_entropy, train_students)
+from commentaries.loop import TeachingMethod
 
-KIND = "augmentation"
 POLICIES = ("learned", "shuffled", "random", "mixup", "none")
 
 
@@ -75,11 +75,11 @@ def grid_loss(model_call, grid, x, y, partner, num_classes):
     return soft_cross_entropy(model_call(mixed_x), mixed_y).mean()
 
 
-class Policy:
+class Policy(FrozenTeaching):
     """A frozen augmentation policy: how λ is drawn for a batch."""
 
-    def __init__(self, kind, proportions=None, mixup_alpha=1.0):
-        self.kind, self.proportions, self.mixup_alpha = kind, proportions, mixup_alpha
+    def __init__(self, kind, proportions=None, mixup_alpha=1.0, num_classes=None):
+        self.kind, self.proportions, self.mixup_alpha, self.num_classes = kind, proportions, mixup_alpha, num_classes
 
     def sample(self, y, partner):
         if self.kind == "none":
@@ -88,91 +88,33 @@ class Policy:
             return mixup_proportions(len(y), self.mixup_alpha, y.device)
         return self.proportions[y, y[partner]]
 
-    def loss(self, model, x, y, num_classes):
+    def loss(self, model, x, y, progress):
         if self.kind == "none":
             return F.cross_entropy(model(x), y)
         partner = torch.randperm(len(y), device=y.device)
-        mixed_x, mixed_y = blend(x, y, self.sample(y, partner), partner, num_classes)
+        mixed_x, mixed_y = blend(x, y, self.sample(y, partner), partner, self.num_classes)
         return soft_cross_entropy(model(mixed_x), mixed_y).mean()
 
 
 # ----------------------------------------------------------------------------
-# Learning the grid
-
-
-def learn_implicit(grid, data, student_spec, *, steps, lr, batch_size, grid_lr, hyper_every, neumann_steps,
-                   neumann_lr, generator, context, log_interval):
-    """Algorithm 2: one student trained with Adam on blended batches; every
-    ``hyper_every`` steps the grid takes an Adam step along the implicit
-    hypergradient of the full validation loss at the current weights."""
-    device, n = data.train_x.device, data.num_classes
-    student = build_student(student_spec, "teaching.student", **data.shape()).to(device)
-    weights = fresh_weights(student, device)
-    inner = torch.optim.Adam(weights.values(), lr=lr)
-    outer = torch.optim.Adam([grid], lr=grid_lr)
-    call = lambda w: lambda inputs: functional_call(student, w, (inputs,))  # noqa: E731
-    running = RunningMean(device)
-    with progress_bar(steps, context, "augmentation (Algorithm 2)") as bar:
-        for step in range(steps):
-            indices = torch.randint(0, len(data.train_x), (batch_size,), generator=generator).to(device)
-            x, y = data.train_x[indices], data.train_y[indices]
-            partner = torch.randperm(batch_size, generator=generator).to(device)
-            training_loss = lambda w, hyper: grid_loss(call(w), hyper[0], x, y, partner, n)  # noqa: E731
-            loss = training_loss(weights, (grid,))
-            inner.zero_grad(set_to_none=True)
-            loss.backward(inputs=list(weights.values()))
-            inner.step()
-            if (step + 1) % hyper_every == 0:
-                validation_loss = lambda w, hyper: F.cross_entropy(call(w)(data.val_x), data.val_y)  # noqa: E731
-                val, (hypergrad,) = implicit_hypergradient(training_loss, validation_loss, weights, (grid,),
-                                                           neumann_steps, neumann_lr)
-                set_grads([grid], [hypergrad])
-                outer.step()
-                running.add(val)
-            bar.update()
-            if (step + 1) % log_interval == 0 or step + 1 == steps:
-                log_interval_losses(context.writer, loss, running, step + 1)
-    return grid
-
-
-def learn_unrolled(grid, data, student_spec, *, teacher_steps, inner_steps, inner_lr, batch_size, grid_lr,
-                   chunk_size, generator, context, log_interval):
-    """Algorithm 1 for small cases: for each grid step a fresh student takes
-    ``inner_steps`` SGD steps on blended batches; its validation loss is
-    backpropagated through them into the grid."""
-    device = data.train_x.device
-    student = build_student(student_spec, "teaching.student", **data.shape()).to(device)
-    outer = torch.optim.Adam([grid], lr=grid_lr)
-    running = RunningMean(device)
-    with progress_bar(teacher_steps, context, "augmentation (Algorithm 1)") as bar:
-        for step in range(teacher_steps):
-            fresh = build_student(student_spec, "teaching.student", **data.shape()).to(device)
-            inner_loss, outer_loss = unrolled_losses(student, data, batch_size, inner_steps, generator)
-            val, _, (hypergrad,) = unrolled_hypergradient(inner_loss, outer_loss, fresh_weights(fresh, device),
-                                                          (grid,), inner_steps, inner_lr, chunk_size)
-            set_grads([grid], [hypergrad])
-            outer.step()
-            running.add(val)
-            bar.update()
-            if (step + 1) % log_interval == 0 or step + 1 == teacher_steps:
-                log_scalars(context.writer, {"Loss/Validation": running.pop()}, step + 1)
-    return grid
+# Objectives: what each route lowers, evaluated reproducibly
 
 
 def unrolled_losses(student, data, batch_size, inner_steps, generator):
     """Inner (blended) and outer (validation) losses with every step's batch and
-    pairing drawn up front, for :func:`common.unrolled_hypergradient`."""
-    device, n = data.train_x.device, data.num_classes
-    batches = torch.randint(0, len(data.train_x), (inner_steps, batch_size), generator=generator).to(device)
-    partners = torch.stack([torch.randperm(batch_size, generator=generator) for _ in range(inner_steps)]).to(device)
+    pairing drawn up front, for :func:`bilevel.unrolled_hypergradient`."""
+    inputs, labels, n = data.training_inputs, data.training_targets, data.output_size
+    batches = torch.randint(0, len(inputs), (inner_steps, batch_size), generator=generator).to(inputs.device)
+    partners = torch.stack([torch.randperm(batch_size, generator=generator) for _ in range(inner_steps)])
+    partners = partners.to(inputs.device)
 
     def inner_loss(weights, hyper, step):
-        x, y = data.train_x[batches[step]], data.train_y[batches[step]]
-        return grid_loss(lambda inputs: functional_call(student, weights, (inputs,)), hyper[0], x, y,
+        x, y = inputs[batches[step]], labels[batches[step]]
+        return grid_loss(lambda batch: functional_call(student, weights, (batch,)), hyper[0], x, y,
                          partners[step], n)
 
     def outer_loss(weights, hyper):
-        return F.cross_entropy(functional_call(student, weights, (data.val_x,)), data.val_y)
+        return F.cross_entropy(functional_call(student, weights, (data.validation_inputs,)), data.validation_targets)
 
     return inner_loss, outer_loss
 
@@ -181,37 +123,39 @@ def unrolled_objective(grid, data, student_spec, *, inner_steps, inner_lr, batch
     """Validation loss after ``inner_steps`` blended SGD steps from fixed
     student initialisations and batches: what Algorithm 1 lowers."""
     losses = []
+    constant = (grid.detach(),)
     for seed in seeds:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(10_000 + seed)
-            fresh = build_student(student_spec, "teaching.student", **data.shape()).to(data.train_x.device)
+            fresh = build_student(student_spec, data, "teaching.student").to(data.training_inputs.device)
         inner_loss, outer_loss = unrolled_losses(fresh, data, batch_size, inner_steps,
                                                  torch.Generator().manual_seed(20_000 + seed))
-        final = _sgd_steps(inner_loss, fresh_weights(fresh, data.train_x.device), (grid.detach(),),
-                           range(inner_steps), inner_lr, False)
+        final = sgd_steps(lambda w, k: inner_loss(w, constant, k), fresh_weights(fresh, data.training_inputs.device),
+                          range(inner_steps), inner_lr, graph=False)
         with torch.no_grad():
             losses.append(float(outer_loss(final, None)))
     return sum(losses) / len(losses)
 
 
-def policy_objective(proportions, data, student_spec, seeds, context, *, steps, lr, batch_size):
+def policy_objective(proportions, data, student_spec, seeds, device, *, steps, lr, batch_size):
     """Validation loss of fresh students trained with the frozen grid as
     Algorithm 2 trains its student (Adam, ``steps`` steps) from fixed seeds:
     the objective the jointly learned grid is meant to lower."""
-    quiet = type("Quiet", (), {"writer": None, "progress": False, "device": context.device})()
+    quiet = types.SimpleNamespace(tracker=None, device=device)
     options = {"steps": steps, "lr": lr, "batch_size": batch_size, "optimiser": "Adam", "log_interval": steps}
+    policy = Policy("learned", proportions, num_classes=data.output_size)
     losses = []
     for seed in seeds:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(10_000 + seed)
-            metrics = evaluate_policy(Policy("learned", proportions), data, [student_spec], options, quiet,
-                                      torch.Generator().manual_seed(20_000 + seed))
+            metrics = train_students([student_spec], data, policy, options, quiet,
+                                     torch.Generator().manual_seed(20_000 + seed))
         losses.append(metrics["Loss/Validation"])
     return sum(losses) / len(losses)
 
 
 # ----------------------------------------------------------------------------
-# Plot and reuse
+# Plot
 
 
 def plot_proportions(proportions, title, context, step):
@@ -234,136 +178,177 @@ def plot_proportions(proportions, title, context, step):
     save_figure(figure, context, "blending_proportions", step)
 
 
-def evaluate_policy(policy, data, student_specs, options, context, generator, prefix="Evaluation"):
-    """Train fresh students with a frozen policy; mean final metrics."""
-    results = []
-    for spec in student_specs:
-        name = spec["class"] if isinstance(spec, dict) else str(spec)
-        model = build_student(spec, "teaching.evaluation_students", **data.shape()).to(context.device)
-        batch_loss = lambda m, x, y, progress, indices: policy.loss(m, x, y, data.num_classes)  # noqa: E731
-        results.append(train_student(model, data, batch_loss, lambda m, x: m(x), generator=generator,
-                                     context=context, prefix=f"{prefix}/{name}/", description=f"student {name}",
-                                     **options))
-    return mean_metrics(results)
-
-
-def train_student_with_commentary(payload, data, student, options, context, generator):
-    """Entry point of ``TrainWithCommentary`` for a saved augmentation policy."""
-    proportions = payload["tensors"]["proportions"].to(context.device)
-    if proportions.shape != (data.num_classes, data.num_classes):
-        raise ValueError(f"the saved grid is {tuple(proportions.shape)}, the data has {data.num_classes} classes")
-    policy = Policy(payload["config"].get("policy", "learned"), proportions)
-    return evaluate_policy(policy, data, [student or {"class": "CNN"}], options, context, generator,
-                           prefix="Student")
-
-
 # ----------------------------------------------------------------------------
 # The registered method
 
 
 @TEACHERS.register("Augmentation")
-def augmentation(*, context, data=None, policy="learned", method="implicit", commentary=None, student=None,
+class Augmentation(TeachingMethod):
+    """Learn a label-pair blending grid (``policy: learned`` or ``shuffled``,
+    unless ``commentary:`` names a saved one) or build a baseline policy, then
+    train fresh students with it; ``objective`` is their mean final
+    validation loss.
+
+    ``method: implicit`` (Algorithm 2): one outer step is one Adam step of a
+    student on a blended batch and, every ``hyper_every`` steps, a grid step
+    along the implicit hypergradient of the full validation loss.
+    ``method: unrolled`` (Algorithm 1): one outer step is one grid step through
+    a fresh student's ``inner_steps`` SGD steps."""
+
+    def __init__(self, *, context, data=None, policy="learned", method="implicit", commentary=None, student=None,
                  steps=500, lr=0.001, batch_size=64, grid_lr=0.05, hyper_every=1, neumann_steps=1,
                  neumann_lr=0.1, teacher_steps=50, inner_steps=10, inner_lr=0.3, chunk_size=0, mixup_alpha=1.0,
                  evaluation_students=None, evaluation_steps=500, evaluation_lr=0.001, objective_seeds=2,
                  log_interval=25):
-    """Learn a label-pair blending grid (``policy: learned`` or ``shuffled``,
-    unless ``commentary:`` names a saved one) or build a baseline policy, then
-    train fresh students with it; ``objective`` is their mean final
-    validation loss."""
-    check_choice(policy, "policy", POLICIES)
-    check_choice(method, "method", ("implicit", "unrolled"))
-    for key, value in (("steps", steps), ("batch_size", batch_size), ("hyper_every", hyper_every),
-                       ("neumann_steps", neumann_steps), ("inner_steps", inner_steps),
-                       ("evaluation_steps", evaluation_steps), ("objective_seeds", objective_seeds),
-                       ("log_interval", log_interval)):
-        check_int(value, key, 1)
-    check_int(teacher_steps, "teacher_steps", 0)
-    check_int(chunk_size, "chunk_size", 0)
-    for key, value in (("lr", lr), ("grid_lr", grid_lr), ("neumann_lr", neumann_lr), ("inner_lr", inner_lr),
-                       ("mixup_alpha", mixup_alpha), ("evaluation_lr", evaluation_lr)):
-        check_float(value, key, 0.0, strict_minimum=key not in ("grid_lr",))
-    evaluation_students = check_list(evaluation_students or [{"class": "CNN"}], "evaluation_students")
+        self.policy = check_choice(policy, "policy", POLICIES)
+        self.method = check_choice(method, "method", ("implicit", "unrolled"))
+        for key, value in (("steps", steps), ("batch_size", batch_size), ("hyper_every", hyper_every),
+                           ("neumann_steps", neumann_steps), ("inner_steps", inner_steps),
+                           ("evaluation_steps", evaluation_steps), ("objective_seeds", objective_seeds),
+                           ("log_interval", log_interval)):
+            check_int(value, key, 1)
+        check_int(teacher_steps, "teacher_steps", 0)
+        check_int(chunk_size, "chunk_size", 0)
+        for key, value in (("lr", lr), ("grid_lr", grid_lr), ("neumann_lr", neumann_lr), ("inner_lr", inner_lr),
+                           ("mixup_alpha", mixup_alpha), ("evaluation_lr", evaluation_lr)):
+            check_float(value, key, 0.0, strict_minimum=key not in ("grid_lr",))
+        self.evaluation_students, self.evaluation = evaluation_options(
+            evaluation_students, steps=evaluation_steps, lr=evaluation_lr, batch_size=batch_size,
+            log_interval=log_interval)
+        self.commentary, self.mixup_alpha = commentary, mixup_alpha
+        self.student_lr, self.batch_size, self.grid_lr, self.hyper_every = lr, batch_size, grid_lr, hyper_every
+        self.neumann_steps, self.neumann_lr, self.chunk_size = neumann_steps, neumann_lr, chunk_size
+        self.inner_steps, self.inner_lr, self.objective_seeds = inner_steps, inner_lr, range(objective_seeds)
+        self.joint_steps, self.log_interval = steps, log_interval
+        self.student_spec = student or {"class": "CNN", "width": 16}
+        self.use_data(data, context)
+        self.saved = None
+        if commentary is not None and self.policy in ("learned", "shuffled"):
+            payload = storage.load_teacher(commentary, method="Augmentation")
+            self.saved = payload["tensors"]["proportions"].to(context.device)
+        self.learning = self.policy in ("learned", "shuffled") and commentary is None
+        self.steps = (steps if self.method == "implicit" else teacher_steps) if self.learning else 0
+        self.record = {}
 
-    device = context.device
-    dataset = build_data(data).to(device)
-    generator = torch.Generator().manual_seed(context.seed)
-    n = dataset.num_classes
-    student_spec = student or {"class": "CNN", "width": 16}
-    results = {"status": "finished", "dataset": dataset.name}
-    proportions = None
-    if policy in ("learned", "shuffled"):
-        if commentary is not None:
-            payload = storage.load_commentary(commentary)
-            if payload["kind"] != KIND:
-                raise ValueError(f"commentary {commentary} is a {payload['kind']} commentary, not {KIND}")
-            proportions = payload["tensors"]["proportions"].to(device)
-        else:
-            options = {"steps": steps, "lr": lr, "batch_size": batch_size, "grid_lr": grid_lr,
-                       "hyper_every": hyper_every, "neumann_steps": neumann_steps, "neumann_lr": neumann_lr,
-                       "teacher_steps": teacher_steps, "inner_steps": inner_steps, "inner_lr": inner_lr,
-                       "chunk_size": chunk_size, "objective_seeds": objective_seeds, "log_interval": log_interval}
-            proportions = learn_grid(dataset, student_spec, method, options, generator, context, results)
-        if policy == "shuffled":
-            proportions = shuffle_grid(proportions, generator)
-    elif policy == "random":
-        proportions = random_proportions(n, generator).to(device)
-    if proportions is not None:
-        plot_proportions(proportions, f"{dataset.name}: {policy} blending proportions λ", context, steps)
-        if "commentary_file" not in results and commentary is None:
-            path = storage.save_commentary(
-                context.run_dir / "commentary.pt", kind=KIND, tensors={"proportions": proportions},
-                dataset=dataset.spec, config={"policy": policy, "student": student_spec},
-                learned_by=results.get("learned_by", {"algorithm": policy}))
-            results["commentary_file"] = str(path)
-    evaluation = {"steps": evaluation_steps, "lr": evaluation_lr, "optimiser": "Adam", "batch_size": batch_size,
-                  "log_interval": min(log_interval, evaluation_steps)}
-    final = evaluate_policy(Policy(policy, proportions, mixup_alpha), dataset, evaluation_students, evaluation,
-                            context, evaluation_generator(context.seed))
-    results.update(final=final, objective=final["Loss/Validation"])
-    return results
+    def setup(self):
+        device = self.context.device
+        self.generator = torch.Generator().manual_seed(self.context.seed)
+        if not self.learning:
+            return
+        self.grid = torch.zeros(self.data.output_size, self.data.output_size, device=device, requires_grad=True)
+        self.student = build_student(self.student_spec, self.data, "teaching.student").to(device)
+        self.outer = torch.optim.Adam([self.grid], lr=self.grid_lr)
+        if self.method == "implicit":
+            self.weights = fresh_weights(self.student, device)
+            self.inner = torch.optim.Adam(self.weights.values(), lr=self.student_lr)
 
+    def checkpointed(self):
+        if not self.learning:
+            return {}
+        state = {"grid": self.grid, "outer": self.outer, "generator": self.generator, "record": self.record}
+        if self.method == "implicit":
+            state.update(weights=self.weights, inner=self.inner)
+        return state
 
-def learn_grid(dataset, student_spec, method, options, generator, context, results):
-    """Learn φ (initialised at 0, i.e. λ = 0.75) by the chosen route; record the
-    objective it lowers before and after, and how it was learned."""
-    n, device = dataset.num_classes, context.device
-    grid = torch.zeros(n, n, device=device, requires_grad=True)
-    seeds = range(options["objective_seeds"])
-    if method == "implicit":
-        def objective():
-            return policy_objective(proportions_from_grid(grid.detach()), dataset, student_spec, seeds, context,
-                                    steps=options["steps"], lr=options["lr"], batch_size=options["batch_size"])
-    else:
-        def objective():
-            return unrolled_objective(grid, dataset, student_spec, inner_steps=options["inner_steps"],
-                                      inner_lr=options["inner_lr"], batch_size=options["batch_size"], seeds=seeds)
-    initial = objective()
-    if method == "implicit":
-        learn_implicit(grid, dataset, student_spec, steps=options["steps"], lr=options["lr"],
-                       batch_size=options["batch_size"], grid_lr=options["grid_lr"],
-                       hyper_every=options["hyper_every"], neumann_steps=options["neumann_steps"],
-                       neumann_lr=options["neumann_lr"], generator=generator, context=context,
-                       log_interval=options["log_interval"])
-        results["learned_by"] = {"algorithm": "implicit (Algorithm 2)", "steps": options["steps"],
-                                 "neumann_steps": options["neumann_steps"], "seed": context.seed}
-    else:
-        learn_unrolled(grid, dataset, student_spec, teacher_steps=options["teacher_steps"],
-                       inner_steps=options["inner_steps"], inner_lr=options["inner_lr"],
-                       batch_size=options["batch_size"], grid_lr=options["grid_lr"],
-                       chunk_size=options["chunk_size"], generator=generator, context=context,
-                       log_interval=options["log_interval"])
-        results["learned_by"] = {"algorithm": "unrolled (Algorithm 1)", "teacher_steps": options["teacher_steps"],
-                                 "inner_steps": options["inner_steps"], "seed": context.seed}
-    learned = objective()
-    results["teaching"] = {"objective_initial": initial, "objective_learned": learned}
-    log_scalars(context.writer, {"Commentary/Objective_Initial": initial, "Commentary/Objective_Learned": learned},
-                options["steps"])
-    grid = grid.detach()
-    if results.get("learned_by"):
-        path = storage.save_commentary(
-            context.run_dir / "commentary.pt", kind=KIND,
-            tensors={"grid": grid, "proportions": proportions_from_grid(grid)}, dataset=dataset.spec,
-            learned_by=results["learned_by"], config={"policy": "learned", "method": method, "student": student_spec})
-        results["commentary_file"] = str(path)
-    return proportions_from_grid(grid)
+    def objective(self):
+        seeds = self.objective_seeds
+        if self.method == "implicit":
+            return policy_objective(proportions_from_grid(self.grid.detach()), self.data, self.student_spec, seeds,
+                                    self.context.device, steps=self.joint_steps, lr=self.student_lr,
+                                    batch_size=self.batch_size)
+        return unrolled_objective(self.grid, self.data, self.student_spec, inner_steps=self.inner_steps,
+                                  inner_lr=self.inner_lr, batch_size=self.batch_size, seeds=seeds)
+
+    def begin(self):
+        if self.learning:
+            self.record["objective_initial"] = self.objective()
+
+    def outer_step(self, step):
+        return self.implicit_step(step) if self.method == "implicit" else self.unrolled_step()
+
+    def implicit_step(self, step):
+        """Algorithm 2: a student step on a blended batch; every ``hyper_every``
+        steps a grid step along the implicit hypergradient at the current weights."""
+        data, device, n = self.data, self.context.device, self.data.output_size
+        call = lambda w: lambda inputs: functional_call(self.student, w, (inputs,))  # noqa: E731
+        indices = torch.randint(0, len(data.training_inputs), (self.batch_size,), generator=self.generator).to(device)
+        x, y = data.training_inputs[indices], data.training_targets[indices]
+        partner = torch.randperm(self.batch_size, generator=self.generator).to(device)
+        loss = grid_loss(call(self.weights), self.grid, x, y, partner, n)
+        self.inner.zero_grad(set_to_none=True)
+        loss.backward(inputs=list(self.weights.values()))
+        self.inner.step()
+        metrics = {"Loss/Training": loss.detach()}
+        if (step + 1) % self.hyper_every == 0:
+            weights = list(self.weights.values())
+            validation = F.cross_entropy(call(self.weights)(data.validation_inputs), data.validation_targets)
+            training = grid_loss(call(self.weights), self.grid, x, y, partner, n)
+            (hypergrad,) = implicit_hypergradient(validation, training, [self.grid], weights, self.neumann_lr,
+                                                  self.neumann_steps)
+            set_grads([self.grid], [hypergrad])
+            self.outer.step()
+            metrics["Loss/Validation"] = validation.detach()
+        return metrics
+
+    def unrolled_step(self):
+        """Algorithm 1 for small cases: a fresh student takes ``inner_steps`` SGD
+        steps on blended batches; its validation loss is backpropagated through
+        them into the grid."""
+        device = self.context.device
+        fresh = build_student(self.student_spec, self.data, "teaching.student").to(device)
+        inner_loss, outer_loss = unrolled_losses(self.student, self.data, self.batch_size, self.inner_steps,
+                                                 self.generator)
+        validation, _, (hypergrad,) = unrolled_hypergradient(inner_loss, outer_loss, fresh_weights(fresh, device),
+                                                             (self.grid,), self.inner_steps, self.inner_lr,
+                                                             self.chunk_size)
+        set_grads([self.grid], [hypergrad])
+        self.outer.step()
+        return {"Loss/Validation": validation}
+
+    def proportions(self):
+        """λ for the chosen policy (``None`` for ``mixup`` and ``none``)."""
+        learned = proportions_from_grid(self.grid.detach()) if self.learning else self.saved
+        if self.policy == "learned":
+            return learned
+        if self.policy == "shuffled":
+            return shuffle_grid(learned, self.generator)
+        if self.policy == "random":
+            return random_proportions(self.data.output_size, self.generator).to(self.context.device)
+        return None
+
+    def finish(self, steps_done):
+        teaching = dict(self.record)
+        if self.learning:
+            teaching["objective_learned"] = self.objective()
+            self.context.tracker.scalar("Commentary/Objective_Initial", teaching["objective_initial"], steps_done)
+            self.context.tracker.scalar("Commentary/Objective_Learned", teaching["objective_learned"], steps_done)
+        self.final_proportions = self.proportions()
+        if self.final_proportions is not None:
+            plot_proportions(self.final_proportions, f"{self.data.name}: {self.policy} blending proportions λ",
+                             self.context, steps_done)
+        policy = Policy(self.policy, self.final_proportions, self.mixup_alpha, self.data.output_size)
+        final = train_students(self.evaluation_students, self.data, policy, self.evaluation, self.context,
+                               evaluation_generator(self.context.seed))
+        return {"final": final, "teaching": teaching}
+
+    def export(self):
+        if self.commentary is not None or self.final_proportions is None:
+            return None
+        if not self.learning:
+            return {"tensors": {"proportions": self.final_proportions}, "dataset": self.data_spec,
+                    "learned_by": {"algorithm": self.policy},
+                    "config": {"policy": self.policy, "student": self.student_spec}}
+        grid = self.grid.detach()
+        route = ({"algorithm": "implicit (Algorithm 2)", "steps": self.steps, "neumann_steps": self.neumann_steps}
+                 if self.method == "implicit" else
+                 {"algorithm": "unrolled (Algorithm 1)", "teacher_steps": self.steps, "inner_steps": self.inner_steps})
+        return {"tensors": {"grid": grid, "proportions": proportions_from_grid(grid)}, "dataset": self.data_spec,
+                "learned_by": {**route, "seed": self.context.seed},
+                "config": {"policy": "learned", "method": self.method, "student": self.student_spec}}
+
+    @classmethod
+    def frozen_teaching(cls, payload, data, device):
+        proportions = payload["tensors"]["proportions"].to(device)
+        if proportions.shape != (data.output_size, data.output_size):
+            raise ValueError(f"the saved grid is {tuple(proportions.shape)}, the data has {data.output_size} classes")
+        return Policy(payload["config"].get("policy", "learned"), proportions, num_classes=data.output_size)

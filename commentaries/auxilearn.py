@@ -36,18 +36,18 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
-from tqdm import tqdm  # noqa: E402
 
 import linear_solvers  # noqa: E402
 from commentaries import TEACHERS  # noqa: E402
-from commentaries.common import check_bool, check_choice, check_float, check_int, save_figure  # noqa: E402
-from commentaries.gtn import load_splits, save_teacher  # noqa: E402
+from commentaries.bilevel import implicit_hypergradient  # noqa: E402
+from commentaries.common import (DIGITS, check_bool, check_choice, check_float, check_int,  # noqa: E402
+                                 save_figure, split_pairs)
+from commentaries.loop import TeachingMethod  # noqa: E402
 from errors import UserError  # noqa: E402
 
 # name -> classes of its own head; noisy_labels reuses the main head (random labels)
 AUXILIARY_TASKS = {"parity": 2, "rotation": 4, "noisy_labels": None}
 COMBINERS = ("linear", "nonlinear")
-DIVERGED_OBJECTIVE = 1e10
 
 
 # ----------------------------------------------------------------------------- networks
@@ -113,36 +113,6 @@ def effective_weights(combiner, main_losses, auxiliary_losses):
 
 
 # ----------------------------------------------------------------------------- hypergradient
-
-def _or_zeros(grads, tensors):
-    return tuple(torch.zeros_like(t) if g is None else g for g, t in zip(grads, tensors))
-
-
-def implicit_hypergradient(val_loss, train_loss, aux_params, parameters, lr, steps, solver="neumann"):
-    """``-∂L_V/∂w · H⁻¹ · ∂²L_T/∂w∂θ`` for the auxiliary parameters θ.
-
-    Solves ``x (I - J) = ∂L_V/∂w`` with ``J = I - α H`` (the Jacobian of one SGD
-    step ``u(w) = w - α ∇L_T``) by ``steps`` Neumann terms (or CG), then
-    ``x · ∂u/∂θ = -α x · ∂²L_T/∂w∂θ``. As ``steps`` grows this tends to the
-    exact implicit hypergradient when ``α < 2/λ_max(H)``. The direct term
-    ``∂L_V/∂θ`` is zero: the validation loss is the main task's alone.
-    """
-    parameters, aux_params = list(parameters), list(aux_params)
-    val_grads = _or_zeros(torch.autograd.grad(val_loss, parameters, retain_graph=True,
-                                              allow_unused=True), parameters)
-    train_grads = torch.autograd.grad(train_loss, parameters, create_graph=True)
-
-    def vjp(vector):
-        hessian_product = _or_zeros(torch.autograd.grad(train_grads, parameters, grad_outputs=vector,
-                                                        retain_graph=True, allow_unused=True),
-                                    parameters)
-        return tuple(v - lr * hv for v, hv in zip(vector, hessian_product))
-
-    solution, _ = linear_solvers.get_solver(solver)(vjp, val_grads, steps)
-    mixed = _or_zeros(torch.autograd.grad(train_grads, aux_params, grad_outputs=solution,
-                                          allow_unused=True), aux_params)
-    return tuple(-lr * g for g in mixed)
-
 
 class MetaOptimizer:
     """Wraps the optimiser of the auxiliary parameters, in the spirit of AuxiLearn's
@@ -214,10 +184,10 @@ def main_task_metrics(model, images, labels):
         return F.cross_entropy(logits, labels), (logits.argmax(-1) == labels).float().mean()
 
 
-def auxilearn_splits(data, train_size, auxiliary_size, seed, device):
+def auxilearn_splits(data, train_size, auxiliary_size, seed):
     """Labelled training set, held-out auxiliary set (for hypergradients), validation,
     test; plus the noisy-label task's fixed random labels for the training set."""
-    splits, data = load_splits(data, device)
+    splits = split_pairs(data)
     images, labels = splits["train"]
     if train_size + auxiliary_size > len(labels):
         raise UserError(f"teaching.train_size + teaching.auxiliary_size must be at most "
@@ -225,8 +195,8 @@ def auxilearn_splits(data, train_size, auxiliary_size, seed, device):
     splits["auxiliary"] = (images[train_size:train_size + auxiliary_size],
                            labels[train_size:train_size + auxiliary_size])
     splits["train"] = (images[:train_size], labels[:train_size])
-    noise = torch.randint(data.num_classes, (train_size,), generator=torch.Generator().manual_seed(seed))
-    return splits, noise.to(device), data
+    noise = torch.randint(data.output_size, (train_size,), generator=torch.Generator().manual_seed(seed))
+    return splits, noise.to(labels.device)
 
 
 # ----------------------------------------------------------------------------- plot
@@ -269,70 +239,114 @@ def check_options(tasks, combiner, learn_weighting, solver, **numbers):
 
 
 @TEACHERS.register("AuxiLearn")
-def auxilearn(*, context, data=None, auxiliary_tasks=("parity", "rotation", "noisy_labels"),
-              combiner="linear", learn_weighting=True, steps=1000, train_size=300,
-              auxiliary_size=200, batch_size=64, hidden_size=64, lr=0.05, momentum=0.9,
-              weight_decay=1e-4, update_every=10, warmup_steps=100, neumann_steps=4,
-              hypergradient_lr=0.1, solver="neumann", outer_lr=0.1, max_grad_norm=10.0,
-              combiner_hidden=8, log_interval=100):
-    """Train the multi-task network with a (learned or frozen) auxiliary weighting."""
-    check_options(auxiliary_tasks, combiner, learn_weighting, solver, steps=steps, train_size=train_size,
-                  auxiliary_size=auxiliary_size, batch_size=batch_size, hidden_size=hidden_size,
-                  update_every=update_every, neumann_steps=neumann_steps, log_interval=log_interval,
-                  combiner_hidden=combiner_hidden, warmup_steps=warmup_steps, lr=lr,
-                  hypergradient_lr=hypergradient_lr, outer_lr=outer_lr, max_grad_norm=max_grad_norm,
-                  momentum=momentum, weight_decay=weight_decay)
-    tasks = list(auxiliary_tasks)
-    device, writer = context.device, context.writer
-    splits, noise_labels, data = auxilearn_splits(data, train_size, auxiliary_size, context.seed, device)
-    train_images, train_labels = splits["train"]
-    rng = torch.Generator().manual_seed(context.seed)
-    meta_rng = torch.Generator().manual_seed(context.seed + 1)  # meta batches don't shift the training order
-    model = MultiTaskNet(train_images[0].numel(), hidden_size, tasks, data.num_classes).to(device)
-    weighting = None
-    if tasks:
-        weighting = (LinearCombiner(len(tasks)) if combiner == "linear"
-                     else NonlinearCombiner(len(tasks), combiner_hidden)).to(device)
-    optimiser = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
-    meta = None
-    if weighting is not None and learn_weighting:
-        meta = MetaOptimizer(torch.optim.Adam(weighting.parameters(), lr=outer_lr), hypergradient_lr,
-                             neumann_steps, max_grad_norm, solver)
+class AuxiLearn(TeachingMethod):
+    """Train the multi-task network with a (learned or frozen) auxiliary
+    weighting; one outer step is one weight step (and, every ``update_every``
+    steps after the warm-up, one implicit update of the auxiliary network)."""
 
-    def batch(generator, size=batch_size):
-        index = torch.randint(train_size, (size,), generator=generator).to(device)
-        return train_images[index], train_labels[index], noise_labels[index]
+    def __init__(self, *, context, data=None, auxiliary_tasks=("parity", "rotation", "noisy_labels"),
+                 combiner="linear", learn_weighting=True, steps=1000, train_size=300, auxiliary_size=200,
+                 batch_size=64, hidden_size=64, lr=0.05, momentum=0.9, weight_decay=1e-4, update_every=10,
+                 warmup_steps=100, neumann_steps=4, hypergradient_lr=0.1, solver="neumann", outer_lr=0.1,
+                 max_grad_norm=10.0, combiner_hidden=8, log_interval=100):
+        check_options(auxiliary_tasks, combiner, learn_weighting, solver, steps=steps, train_size=train_size,
+                      auxiliary_size=auxiliary_size, batch_size=batch_size, hidden_size=hidden_size,
+                      update_every=update_every, neumann_steps=neumann_steps, log_interval=log_interval,
+                      combiner_hidden=combiner_hidden, warmup_steps=warmup_steps, lr=lr,
+                      hypergradient_lr=hypergradient_lr, outer_lr=outer_lr, max_grad_norm=max_grad_norm,
+                      momentum=momentum, weight_decay=weight_decay)
+        self.context, self.tasks, self.combiner = context, list(auxiliary_tasks), combiner
+        self.learn_weighting, self.steps, self.log_interval = learn_weighting, steps, log_interval
+        self.train_size, self.batch_size, self.hidden_size = train_size, batch_size, hidden_size
+        self.lr, self.momentum, self.weight_decay = lr, momentum, weight_decay
+        self.update_every, self.warmup_steps, self.neumann_steps = update_every, warmup_steps, neumann_steps
+        self.hypergradient_lr, self.solver, self.outer_lr = hypergradient_lr, solver, outer_lr
+        self.max_grad_norm, self.combiner_hidden = max_grad_norm, combiner_hidden
+        self.use_data(dict(data or DIGITS), context)
+        self.splits, self.noise_labels = auxilearn_splits(self.data, train_size, auxiliary_size, context.seed)
 
-    history, status, step = [], "finished", 0
-    interval_loss, interval_steps = torch.zeros((), device=device), 0
-    for step in tqdm(range(1, steps + 1), desc="AuxiLearn", disable=not context.progress):
-        loss, main, auxiliary = training_loss(model, weighting, tasks, batch(rng), rng, weight_decay)
-        optimiser.zero_grad()
-        loss.backward(inputs=list(model.parameters()))
-        optimiser.step()
-        interval_loss += loss.detach()
-        interval_steps += 1
-        if meta is not None and step > warmup_steps and step % update_every == 0:
-            meta_step(model, weighting, tasks, meta, batch(meta_rng), splits["auxiliary"],
-                      meta_rng, weight_decay, batch_size)
-        if step % log_interval == 0 or step == steps:
-            mean_loss = float(interval_loss) / interval_steps
-            interval_loss.zero_()
-            interval_steps = 0
-            if not math.isfinite(mean_loss):
-                status = "diverged"
-                break
-            log_progress(writer, model, weighting, tasks, splits, main, auxiliary, mean_loss,
-                         step, history)
-            if meta is not None and meta.last_norm is not None:
-                writer.add_scalar("Hypergradient/Norm", float(meta.last_norm), step)
+    def setup(self):
+        device, seed = self.context.device, self.context.seed
+        self.rng = torch.Generator().manual_seed(seed)
+        self.meta_rng = torch.Generator().manual_seed(seed + 1)  # meta batches don't shift the training order
+        self.model = MultiTaskNet(self.splits["train"][0][0].numel(), self.hidden_size, self.tasks,
+                                  self.data.output_size).to(device)
+        self.weighting = None
+        if self.tasks:
+            self.weighting = (LinearCombiner(len(self.tasks)) if self.combiner == "linear"
+                              else NonlinearCombiner(len(self.tasks), self.combiner_hidden)).to(device)
+        self.optimiser = torch.optim.SGD(self.model.parameters(), lr=self.lr, momentum=self.momentum)
+        self.meta = None
+        if self.weighting is not None and self.learn_weighting:
+            self.meta = MetaOptimizer(torch.optim.Adam(self.weighting.parameters(), lr=self.outer_lr),
+                                      self.hypergradient_lr, self.neumann_steps, self.max_grad_norm, self.solver)
+        self.history = []  # (step, effective weights) at each log
 
-    if status == "diverged":
-        return {"status": "diverged", "dataset": data.name, "final": {}, "objective": DIVERGED_OBJECTIVE,
-                "network_weight_steps_done": step}
-    results = finish(model, weighting, tasks, splits, history, context, step, lr, momentum,
-                     weight_decay)
-    return {"dataset": data.name, **results}
+    def checkpointed(self):
+        state = {"model": self.model, "optimiser": self.optimiser, "rng": self.rng, "meta_rng": self.meta_rng}
+        if self.weighting is not None:
+            state["weighting"] = self.weighting
+        if self.meta is not None:
+            state["meta_optimiser"] = self.meta.meta_optimizer
+        return state
+
+    def state_dict(self):
+        return {**super().state_dict(), "history": list(self.history)}
+
+    def load_state_dict(self, state):
+        super().load_state_dict(state)
+        self.history[:] = [(step, list(weights)) for step, weights in state["history"]]
+
+    def batch(self, generator):
+        train_images, train_labels = self.splits["train"]
+        index = torch.randint(self.train_size, (self.batch_size,), generator=generator).to(train_labels.device)
+        return train_images[index], train_labels[index], self.noise_labels[index]
+
+    def outer_step(self, step):
+        loss, self.main, self.auxiliary = training_loss(self.model, self.weighting, self.tasks,
+                                                        self.batch(self.rng), self.rng, self.weight_decay)
+        self.optimiser.zero_grad()
+        loss.backward(inputs=list(self.model.parameters()))
+        self.optimiser.step()
+        metrics = {"Loss/Training": loss.detach()}
+        if self.meta is not None and step + 1 > self.warmup_steps and (step + 1) % self.update_every == 0:
+            meta_step(self.model, self.weighting, self.tasks, self.meta, self.batch(self.meta_rng),
+                      self.splits["auxiliary"], self.meta_rng, self.weight_decay, self.batch_size)
+            metrics["Hypergradient/Norm"] = self.meta.last_norm
+        return metrics
+
+    def evaluate(self, step):
+        metrics = {}
+        for name, tag in (("auxiliary", "Auxiliary_Set"), ("validation", "Validation")):
+            metrics[f"Loss/{tag}"], metrics[f"Accuracy/{tag}"] = main_task_metrics(self.model, *self.splits[name])
+        if self.weighting is not None:
+            weights = effective_weights(self.weighting, self.main, self.auxiliary).tolist()
+            self.history.append((step, weights))
+            for task, weight in zip(self.tasks, weights):
+                metrics[f"Auxiliary/Weight_{task.title()}"] = weight
+        return metrics
+
+    def finish(self, steps_done):
+        final = {}
+        for name, tag in (("train", "Training"), ("auxiliary", "Auxiliary_Set"), ("validation", "Validation"),
+                          ("test", "Test")):
+            loss, accuracy = main_task_metrics(self.model, *self.splits[name])
+            final[f"Loss/{tag}"], final[f"Accuracy/{tag}"] = float(loss), float(accuracy)
+        weights = {}
+        if self.history:
+            weights = dict(zip(self.tasks, self.history[-1][1]))
+            plot_weights(self.history, self.tasks, self.context, steps_done)
+        return {"final": final, "teaching": {"auxiliary_weights": weights},
+                "hyperparameters": {"lr": self.lr, "momentum": self.momentum, "weight_decay": self.weight_decay}}
+
+    def export(self):
+        if self.weighting is None:
+            return None
+        return {"tensors": self.weighting.state_dict(), "dataset": self.data_spec,
+                "learned_by": {"algorithm": "implicit (AuxiLearn)", "steps": self.steps, "seed": self.context.seed,
+                               "learned": self.learn_weighting},
+                "teacher": {"auxiliary_tasks": self.tasks, "combiner": self.combiner,
+                            "combiner_hidden": self.combiner_hidden}}
 
 
 def meta_step(model, weighting, tasks, meta, train_batch, auxiliary_split, rng, weight_decay,
@@ -345,37 +359,3 @@ def meta_step(model, weighting, tasks, meta, train_batch, auxiliary_split, rng, 
     val_loss = F.cross_entropy(model(images[index]), labels[index])
     meta.step(val_loss=val_loss, train_loss=train_loss, aux_params=list(weighting.parameters()),
               parameters=list(model.parameters()))
-
-
-def log_progress(writer, model, weighting, tasks, splits, main, auxiliary, mean_loss, step, history):
-    writer.add_scalar("Loss/Training", mean_loss, step)
-    for name, tag in (("auxiliary", "Auxiliary_Set"), ("validation", "Validation")):
-        loss, accuracy = main_task_metrics(model, *splits[name])
-        writer.add_scalar(f"Loss/{tag}", float(loss), step)
-        writer.add_scalar(f"Accuracy/{tag}", float(accuracy), step)
-    if weighting is not None:
-        weights = effective_weights(weighting, main, auxiliary).tolist()
-        history.append((step, weights))
-        for task, weight in zip(tasks, weights):
-            writer.add_scalar(f"Auxiliary/Weight_{task.title()}", weight, step)
-
-
-def finish(model, weighting, tasks, splits, history, context, step, lr, momentum, weight_decay):
-    final = {}
-    for name, tag in (("train", "Training"), ("auxiliary", "Auxiliary_Set"),
-                      ("validation", "Validation"), ("test", "Test")):
-        loss, accuracy = main_task_metrics(model, *splits[name])
-        final[f"Loss/{tag}"], final[f"Accuracy/{tag}"] = float(loss), float(accuracy)
-    for tag, value in final.items():
-        context.writer.add_scalar(f"Final/{tag}", value, step)
-    weights = {}
-    if history:
-        weights = dict(zip(tasks, history[-1][1]))
-        plot_weights(history, tasks, context, step)
-        save_teacher(context.run_dir / "teacher.pt", "AuxiLearn", weighting.state_dict(),
-                     {"auxiliary_tasks": tasks, "combiner": type(weighting).__name__,
-                      "seed": context.seed, "steps": step})
-    context.writer.flush()
-    return {"status": "finished", "final": final, "objective": final["Loss/Validation"],
-            "network_weight_steps_done": step, "auxiliary_weights": weights,
-            "hyperparameters": {"lr": lr, "momentum": momentum, "weight_decay": weight_decay}}

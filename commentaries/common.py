@@ -1,33 +1,26 @@
 """Shared pieces of the learning-to-teach methods.
 
-Students are tiny ``nn.Module`` s run through ``torch.func.functional_call``
-with their weights held in a plain dict, so a weight update can stay inside
-the autograd graph (Algorithm 1) or be differentiated at its fixed point
-(Algorithm 2). The two hypergradient routes live here once:
-
-* :func:`unrolled_hypergradient` -- backpropagate through ``K`` SGD steps,
-  optionally memory-bounded (exact checkpointing over chunks of steps, or a
-  truncated window of the last steps);
-* :func:`implicit_hypergradient` -- the implicit function theorem at the
-  current weights, with ``linear_solvers.neumann`` for the inverse.
-
-Also: option validation (``teaching.<key>: ...`` user errors), figure logging,
-atomic file writes and a meter of live saved-tensor bytes for memory benches.
+Option validation (``teaching.<key>: ...`` user errors); data and student
+networks from the shared registries (``datasets.DATASETS``,
+``models.MODELS``), so hyperparameter and teaching runs name them the same
+way; figure logging; a meter of live saved-tensor bytes for memory benches;
+and fresh students trained with a frozen teacher
+(:class:`FrozenTeaching`, :class:`StudentTraining`, :func:`train_students`).
+The hypergradients are in :mod:`commentaries.bilevel`, the loop in
+:mod:`commentaries.loop`.
 """
 import contextlib
 import io
 import math
-import os
-import tempfile
 import weakref
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-import linear_solvers
+import datasets
+import models
 from errors import UserError
-from registry import Registry
+from train import atomic_write
 
 # ----------------------------------------------------------------------------
 # Option validation
@@ -75,65 +68,35 @@ def check_list(value, key):
 
 
 # ----------------------------------------------------------------------------
-# Students: small networks that work under functional_call
-
-STUDENTS = Registry("student")
-
-ACTIVATIONS = {"ReLU": nn.ReLU, "Tanh": nn.Tanh, "ELU": nn.ELU}
+# Data and students: the shared registries of datasets.py and models.py
 
 
-def _activation(name, where):
-    if name not in ACTIVATIONS:
-        raise UserError(f"{where}: activation must be one of {', '.join(ACTIVATIONS)}, got {name!r}")
-    return ACTIVATIONS[name]
-
-
-@STUDENTS.register("CNN", aliases=["TwoBlockCNN"])
-def cnn(*, in_channels, image_size, num_outputs, width=16, activation="ReLU"):
-    """Two conv blocks (3x3 conv, activation, 2x2 max-pool) and a linear head."""
-    act = _activation(activation, "student")
-    spatial = image_size // 4
-    return nn.Sequential(
-        nn.Conv2d(in_channels, width, 3, padding=1), act(), nn.MaxPool2d(2),
-        nn.Conv2d(width, width, 3, padding=1), act(), nn.MaxPool2d(2),
-        nn.Flatten(), nn.Linear(width * spatial * spatial, num_outputs))
-
-
-@STUDENTS.register("MLP")
-def mlp(*, in_channels, image_size, num_outputs, hidden=(64,), activation="ReLU"):
-    """A fully connected network on the flattened image."""
-    act = _activation(activation, "student")
-    layers, width = [nn.Flatten()], in_channels * image_size * image_size
-    for size in hidden:
-        layers += [nn.Linear(width, int(size)), act()]
-        width = int(size)
-    layers.append(nn.Linear(width, num_outputs))
-    return nn.Sequential(*layers)
-
-
-@STUDENTS.register("Linear")
-def linear(*, in_channels, image_size, num_outputs):
-    """Multinomial logistic regression: the convex student of the exact tests."""
-    return nn.Sequential(nn.Flatten(), nn.Linear(in_channels * image_size * image_size, num_outputs))
-
-
-def build_student(spec, where, **shape):
-    """A student module from ``{class: CNN, width: 8}``; shapes are injected."""
+def load_data(spec, context, where="teaching.data"):
+    """The ``teaching.data`` dataset (a :class:`datasets.Data`) on the run's device."""
     if spec is None:
-        spec = {"class": "CNN"}
+        raise UserError(f"{where}: missing; a data file sets e.g. 'teaching: {{data: {{class: Digits, "
+                        f"validation_size: 300, test_size: 400}}}}' (valid: {', '.join(datasets.DATASETS.names())})")
+    data = datasets.load_data(spec, validation_proportion=getattr(context, "validation_proportion", 0.2),
+                              data_root=getattr(context, "data_root", None), where=where)
+    if data.task != "classification":
+        raise UserError(f"{where}: the teaching methods need a classification dataset, not {data.name}")
+    return data.to(context.device)
+
+
+def build_student(spec, data, where, default="CNN"):
+    """A student (or teacher) network from ``{class: CNN, width: 8}`` or a
+    name, with its shapes injected from ``data`` (``models.MODELS``)."""
+    if spec is None:
+        spec = {"class": default}
     if isinstance(spec, str):
         spec = {"class": spec}
-    return STUDENTS.build(dict(spec), where, **shape)
+    return models.build_model(dict(spec), data, where=where)
 
 
 def fresh_weights(module, device, dtype=torch.float32):
     """A detached copy of ``module``'s parameters that requires grad."""
     return {name: p.detach().to(device=device, dtype=dtype).clone().requires_grad_(True)
             for name, p in module.named_parameters()}
-
-
-def detached(weights):
-    return {name: w.detach().requires_grad_(True) for name, w in weights.items()}
 
 
 # ----------------------------------------------------------------------------
@@ -143,117 +106,6 @@ def detached(weights):
 def soft_cross_entropy(logits, targets):
     """Per-example cross-entropy against soft (blended) label distributions."""
     return -(targets * F.log_softmax(logits, dim=-1)).sum(-1)
-
-
-def accuracy(logits, labels):
-    return (logits.argmax(-1) == labels).float().mean()
-
-
-# ----------------------------------------------------------------------------
-# Algorithm 1: backpropagation through K inner SGD steps
-
-
-def _sgd_steps(inner_loss, weights, hyper, steps, lr, create_graph):
-    """Run ``steps`` (a range of step indices) of SGD on ``inner_loss``."""
-    names = list(weights)
-    for step in steps:
-        loss = inner_loss(weights, hyper, step)
-        grads = torch.autograd.grad(loss, [weights[n] for n in names], create_graph=create_graph)
-        if create_graph:
-            weights = {n: weights[n] - lr * g for n, g in zip(names, grads)}
-        else:
-            weights = {n: (weights[n] - lr * g).detach().requires_grad_(True)
-                       for n, g in zip(names, grads)}
-    return weights
-
-
-def _grad_or_zero(output, inputs, grad_outputs=None, retain_graph=None):
-    grads = torch.autograd.grad(output, inputs, grad_outputs=grad_outputs,
-                                retain_graph=retain_graph, allow_unused=True)
-    return tuple(torch.zeros_like(x) if g is None else g for x, g in zip(inputs, grads))
-
-
-def unrolled_hypergradient(inner_loss, outer_loss, weights, hyper, num_steps, lr,
-                           chunk_size=0, truncation=0):
-    """Gradient of ``outer_loss(w_K, hyper)`` with respect to ``hyper``, where
-    ``w_{k+1} = w_k - lr * ∇_w inner_loss(w_k, hyper, k)`` starts from ``weights``.
-
-    Memory-bounded modes (``0`` = off):
-
-    * ``chunk_size=C`` -- exact gradient checkpointing: the forward pass keeps
-      only every ``C``-th weight state; the backward pass recomputes one chunk
-      at a time with its graph and pulls the adjoint through it, so the peak
-      holds one chunk's graph instead of ``K`` steps' graphs.
-    * ``truncation=T`` -- differentiate through the last ``T`` steps only (a
-      biased, cheaper estimate: the first ``K - T`` steps run without a graph).
-
-    ``inner_loss(w, hyper, k)`` must be deterministic in ``k`` (precompute
-    mini-batch indices) so a recomputed chunk is the chunk that was run.
-    Returns ``(outer loss (detached), final weights (detached), hypergradient tuple)``.
-    """
-    hyper = tuple(hyper)
-    constant = tuple(h.detach() for h in hyper)  # steps run without a graph need none to the teacher either
-    weights = detached(weights)
-    if truncation and truncation < num_steps:
-        weights = _sgd_steps(inner_loss, weights, constant, range(num_steps - truncation), lr, False)
-        first = num_steps - truncation
-    else:
-        first = 0
-    if not chunk_size or chunk_size >= num_steps - first:
-        final = _sgd_steps(inner_loss, weights, hyper, range(first, num_steps), lr, True)
-        loss = outer_loss(final, hyper)
-        return loss.detach(), {n: w.detach() for n, w in final.items()}, _grad_or_zero(loss, hyper)
-
-    boundaries = []
-    for start in range(first, num_steps, chunk_size):
-        boundaries.append((start, weights))
-        weights = _sgd_steps(inner_loss, weights, constant, range(start, min(start + chunk_size, num_steps)),
-                             lr, False)
-    names = list(weights)
-    loss = outer_loss(weights, hyper)
-    adjoint_and_direct = _grad_or_zero(loss, [weights[n] for n in names] + list(hyper))
-    adjoint, total = adjoint_and_direct[:len(names)], list(adjoint_and_direct[len(names):])
-    for start, start_weights in reversed(boundaries):
-        start_weights = detached(start_weights)
-        end = _sgd_steps(inner_loss, start_weights, hyper, range(start, min(start + chunk_size, num_steps)),
-                         lr, True)
-        grads = _grad_or_zero([end[n] for n in names], [start_weights[n] for n in names] + list(hyper),
-                              grad_outputs=list(adjoint))
-        adjoint = grads[:len(names)]
-        total = [t + g for t, g in zip(total, grads[len(names):])]
-    return loss.detach(), {n: w.detach() for n, w in weights.items()}, tuple(total)
-
-
-# ----------------------------------------------------------------------------
-# Algorithm 2: implicit differentiation at the current weights
-
-
-def implicit_hypergradient(training_loss, validation_loss, weights, hyper, neumann_steps=1, lr=1.0):
-    """IFT hypergradient ``∂L_V/∂λ + ∂L_V/∂w (I - J)^{-1} ∂u/∂λ`` for the update
-    ``u(w, λ) = w - lr ∇_w L_T(w, λ)``, so ``J = I - lr H`` and
-    ``∂u/∂λ = -lr ∂²L_T/∂w∂λ``.
-
-    ``neumann_steps`` terms of the Neumann series approximate the inverse
-    (``1`` = no Hessian-vector product: Raghu et al.'s setting for augmentation).
-    ``validation_loss(w, λ)`` may depend on ``λ`` directly (attention masks are
-    applied to validation images too); that direct term is included.
-    Returns ``(validation loss (detached), hypergradient tuple)``.
-    """
-    hyper = tuple(hyper)
-    names = list(weights)
-    params = [weights[n] for n in names]
-    val_loss = validation_loss(weights, hyper)
-    grads = _grad_or_zero(val_loss, params + list(hyper))
-    b, direct = grads[:len(params)], grads[len(params):]
-    train_grads = torch.autograd.grad(training_loss(weights, hyper), params, create_graph=True)
-
-    def vjp(v):
-        hessian_v = _grad_or_zero(train_grads, params, grad_outputs=list(v), retain_graph=True)
-        return tuple(vi - lr * hv for vi, hv in zip(v, hessian_v))
-
-    x, _ = linear_solvers.neumann(vjp, b, neumann_steps)
-    mixed = _grad_or_zero(train_grads, hyper, grad_outputs=list(x))
-    return val_loss.detach(), tuple(d - lr * m for d, m in zip(direct, mixed))
 
 
 def set_grads(tensors, grads):
@@ -311,24 +163,6 @@ class _Box:
 # Files and figures
 
 
-def atomic_write_bytes(path, data):
-    """Write ``data`` to ``path`` through a temporary file in the same folder."""
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
-    try:
-        with os.fdopen(handle, "wb") as file:
-            file.write(data)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-        raise
-
-
 def save_figure(figure, context, name, step=0):
     """Write ``figure`` as ``<run_dir>/<name>.png`` (atomically) and log it as a
     TensorBoard image under ``Commentary/<name>``; closes the figure."""
@@ -337,114 +171,117 @@ def save_figure(figure, context, name, step=0):
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
     path = context.run_dir / f"{name}.png"
-    atomic_write_bytes(path, buffer.getvalue())
+    atomic_write(path, lambda temporary: temporary.write_bytes(buffer.getvalue()))
     if getattr(context, "writer", None) is not None:
         context.writer.add_figure(f"Commentary/{name}", figure, global_step=step, close=False)
     plt.close(figure)
     return path
 
 
-class RunningMean:
-    """Losses summed on the device and counted, averaged only when logged:
-    no per-step host synchronisation."""
-
-    def __init__(self, device):
-        self.total = torch.zeros((), device=device)
-        self.count = 0
-
-    def add(self, value):
-        self.total += value.detach()
-        self.count += 1
-
-    def pop(self):
-        """The mean since the last call (a device tensor), or ``None`` if nothing was added."""
-        if not self.count:
-            return None
-        mean = self.total / self.count
-        self.total = torch.zeros_like(self.total)
-        self.count = 0
-        return mean
-
-
-def log_interval_losses(writer, training_loss, validation_losses, step):
-    """Log the last training loss and the mean validation loss of the interval (if any)."""
-    values = {"Loss/Training": training_loss.detach()}
-    validation = validation_losses.pop()
-    if validation is not None:
-        values["Loss/Validation"] = validation
-    log_scalars(writer, values, step)
-
-
-def log_scalars(writer, values, step, prefix=""):
-    """Log a dict of scalars (tensors allowed: one host sync per call)."""
-    if writer is None:
-        return
-    for tag, value in values.items():
-        writer.add_scalar(prefix + tag, float(value), step)
-
-
-def progress_bar(total, context, description):
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc=description, disable=not getattr(context, "progress", False),
-                leave=False, dynamic_ncols=True)
-
-
 # ----------------------------------------------------------------------------
-# Training and evaluating a fresh student with a frozen commentary
+# Training fresh students with a frozen teacher
 
 
-@torch.no_grad()
-def evaluate_student(model, data, predict, batch_size=1024):
-    """Full-split cross-entropy and accuracy of ``predict(model, x) -> logits``."""
-    metrics = {}
-    for split, title in (("train", "Training"), ("val", "Validation"), ("test", "Test")):
-        x, y = getattr(data, f"{split}_x"), getattr(data, f"{split}_y")
-        loss_sum, correct = 0.0, 0.0
-        for start in range(0, len(x), batch_size):
-            logits = predict(model, x[start:start + batch_size])
-            labels = y[start:start + batch_size]
-            loss_sum = loss_sum + F.cross_entropy(logits, labels, reduction="sum")
-            correct = correct + (logits.argmax(-1) == labels).sum()
-        metrics[f"Loss/{title}"] = float(loss_sum) / len(x)
-        metrics[f"Accuracy/{title}"] = float(correct) / len(x)
-    return metrics
+class FrozenTeaching:
+    """How a frozen teacher shapes a fresh student's training: the batch it
+    sees at each step, its loss on that batch and its prediction. This
+    default is plain training on random real batches; each method's
+    :meth:`TeachingMethod.frozen_teaching` returns its own (weighted,
+    blended, masked or generated batches)."""
+
+    def batch(self, data, step, batch_size, generator):
+        indices = torch.randint(0, len(data.training_inputs), (batch_size,), generator=generator)
+        indices = indices.to(data.training_inputs.device)
+        return data.training_inputs[indices], data.training_targets[indices]
+
+    def loss(self, model, x, y, progress):
+        """``progress``: the normalised training iteration in [0, 1) (a curriculum's input)."""
+        return F.cross_entropy(model(x), y)
+
+    def predict(self, model, x):
+        return model(x)
 
 
-def train_student(model, data, batch_loss, predict, *, steps, lr, batch_size, optimiser="Adam",
-                  generator, context, prefix, log_interval=25, description="student"):
-    """Train ``model`` for ``steps`` mini-batch steps on ``batch_loss(model, x, y,
-    progress, indices)`` (the commentary decides how a batch is weighted,
-    blended or masked) and log its learning curves under ``prefix``.
+SPLITS = (("training", "Training"), ("validation", "Validation"), ("test", "Test"))
 
-    ``progress`` is the normalised training iteration in [0, 1), the extra input
-    of a curriculum teacher. Host syncs happen only every ``log_interval`` steps.
-    Returns the final metrics of :func:`evaluate_student`.
-    """
-    device = data.train_x.device
-    optimisers = {"Adam": torch.optim.Adam, "SGD": torch.optim.SGD}
-    optimiser = optimisers[optimiser](model.parameters(), lr=lr)
-    writer = getattr(context, "writer", None)
-    running = torch.zeros((), device=device)
-    count = 0
-    with progress_bar(steps, context, description) as bar:
-        for step in range(steps):
-            indices = torch.randint(0, len(data.train_x), (batch_size,), generator=generator).to(device)
-            loss = batch_loss(model, data.train_x[indices], data.train_y[indices], step / steps, indices)
-            optimiser.zero_grad(set_to_none=True)
-            loss.backward()
-            optimiser.step()
-            running += loss.detach()
+
+class StudentTraining:
+    """One fresh student trained with a :class:`FrozenTeaching`, step by step,
+    so that a loop can log, checkpoint and resume it."""
+
+    def __init__(self, model, data, teaching, *, steps, lr, batch_size, optimiser, generator):
+        self.model, self.data, self.teaching, self.generator = model, data, teaching, generator
+        self.steps, self.batch_size = steps, batch_size
+        self.optimiser = {"Adam": torch.optim.Adam, "SGD": torch.optim.SGD}[optimiser](model.parameters(), lr=lr)
+
+    def step(self, step):
+        x, y = self.teaching.batch(self.data, step, self.batch_size, self.generator)
+        loss = self.teaching.loss(self.model, x, y, step / self.steps)
+        self.optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimiser.step()
+        return loss.detach()
+
+    @torch.no_grad()
+    def evaluate(self, batch_size=1024):
+        """Cross-entropy and accuracy on every split, as device tensors (no host sync)."""
+        metrics = {}
+        for split, title in SPLITS:
+            x, y = getattr(self.data, f"{split}_inputs"), getattr(self.data, f"{split}_targets")
+            loss_sum, correct = 0.0, 0.0
+            for start in range(0, len(x), batch_size):
+                logits = self.teaching.predict(self.model, x[start:start + batch_size])
+                labels = y[start:start + batch_size]
+                loss_sum = loss_sum + F.cross_entropy(logits, labels, reduction="sum")
+                correct = correct + (logits.argmax(-1) == labels).sum()
+            metrics[f"Loss/{title}"] = loss_sum / len(x)
+            metrics[f"Accuracy/{title}"] = correct / len(x)
+        return metrics
+
+    def state_dict(self):
+        return {"model": self.model.state_dict(), "optimiser": self.optimiser.state_dict(),
+                "generator": self.generator.get_state()}
+
+    def load_state_dict(self, state):
+        self.model.load_state_dict(state["model"])
+        self.optimiser.load_state_dict(state["optimiser"])
+        self.generator.set_state(state["generator"])
+
+
+def train_students(specs, data, teaching, options, context, generator, prefix="Evaluation"):
+    """Train a fresh student of each architecture in ``specs`` with the frozen
+    ``teaching`` and return their mean final metrics (floats). Learning curves
+    go to ``context.tracker`` (if any) under ``<prefix>/<Class>/`` every
+    ``options['log_interval']`` steps, one host sync per interval."""
+    tracker = getattr(context, "tracker", None)
+    results = []
+    for spec in specs:
+        name = spec["class"] if isinstance(spec, dict) else str(spec)
+        model = build_student(spec, data, "teaching.evaluation_students").to(context.device)
+        student = StudentTraining(model, data, teaching, steps=options["steps"], lr=options["lr"],
+                                  batch_size=options["batch_size"], optimiser=options["optimiser"],
+                                  generator=generator)
+        running = torch.zeros((), device=context.device)
+        count = 0
+        for step in range(options["steps"]):
+            running += student.step(step)
             count += 1
-            bar.update()
-            if (step + 1) % log_interval == 0 or step + 1 == steps:
-                metrics = evaluate_student(model, data, predict)
-                metrics["Loss/Batch"] = float(running) / count
-                running.zero_()
-                count = 0
-                log_scalars(writer, metrics, step + 1, prefix=prefix)
-                bar.set_postfix(val=f"{metrics['Loss/Validation']:.3f}")
-    return metrics
+            if (step + 1) % options["log_interval"] == 0 or step + 1 == options["steps"]:
+                metrics = {**student.evaluate(), "Loss/Batch": running / count}
+                running, count = torch.zeros_like(running), 0
+                if tracker is not None:
+                    for tag, value in metrics.items():
+                        tracker.scalar(f"{prefix}/{name}/{tag}", value, step + 1)
+                    tracker.flush()
+        results.append(metrics)
+    return {tag: float(sum(m[tag] for m in results) / len(results)) for tag in results[0]}
+
+
+def evaluation_options(students, *, steps, lr, batch_size, log_interval, optimiser="Adam"):
+    """The evaluation students (default: one CNN) and how :func:`train_students` trains them."""
+    students = check_list(students or [{"class": "CNN"}], "evaluation_students")
+    return students, {"steps": steps, "lr": lr, "optimiser": optimiser, "batch_size": batch_size,
+                      "log_interval": max(1, min(log_interval, steps))}
 
 
 def evaluation_generator(seed):
@@ -455,6 +292,11 @@ def evaluation_generator(seed):
     return torch.Generator().manual_seed(seed + 7919)
 
 
-def mean_metrics(list_of_metrics):
-    keys = list_of_metrics[0]
-    return {k: sum(m[k] for m in list_of_metrics) / len(list_of_metrics) for k in keys}
+DIGITS = {"class": "Digits", "validation_size": 300, "test_size": 400}  # GTN's and AuxiLearn's default data
+
+
+def split_pairs(data):
+    """``{"train", "validation", "test"} -> (inputs, labels)`` of a :class:`datasets.Data`."""
+    return {"train": (data.training_inputs, data.training_targets),
+            "validation": (data.validation_inputs, data.validation_targets),
+            "test": (data.test_inputs, data.test_targets)}

@@ -11,31 +11,29 @@ teacher cannot lower the loss by inflating every weight, i.e. the learning
 rate; it can only choose *which* examples count.
 
 Long unrolls are memory-bounded with ``chunk_size`` (exact checkpointing) or
-``truncation`` (last steps only); see :func:`common.unrolled_hypergradient`.
+``truncation`` (last steps only); see :func:`bilevel.unrolled_hypergradient`.
 """
 import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
+import models
 from commentaries import TEACHERS
-from commentaries import storage
+from commentaries.bilevel import sgd_steps, unrolled_hypergradient
 from commentaries.common import (
-    RunningMean, build_student, check_bool, check_choice, check_float, check_int, check_list, cnn,
-    evaluation_generator, fresh_weights, log_scalars, mean_metrics, progress_bar, save_figure, set_grads,
-    train_student, unrolled_hypergradient, _sgd_steps)
-from commentaries.data import build_data
-
-KIND = "example_weighting"
+    FrozenTeaching, build_student, check_bool, check_choice, check_float, check_int, evaluation_generator,
+    evaluation_options, fresh_weights, save_figure, set_grads, train_students)
+from commentaries.loop import TeachingMethod
 
 
 # ----------------------------------------------------------------------------
 # The teacher and the weighted loss
 
 
-def build_teacher(in_channels, image_size, curriculum=True, width=8, activation="ReLU"):
+def build_teacher(input_shape, curriculum=True, width=8, activation_function="ReLU"):
     """Two-block CNN with one output; input channels + 1 when ``curriculum``."""
-    return cnn(in_channels=in_channels + int(curriculum), image_size=image_size, num_outputs=1, width=width,
-               activation=activation)
+    channels, size = input_shape[0] + int(curriculum), input_shape[-1]
+    return models.cnn(channels, 1, (channels, size, size), width=width, activation_function=activation_function)
 
 
 def example_weights(teacher, teacher_params, x, progress, curriculum):
@@ -66,20 +64,21 @@ class Problem:
         """Mini-batch indices for all ``K`` inner steps, drawn up front so a
         checkpointed chunk recomputes exactly the steps that ran."""
         shape = (self.inner_steps, self.batch_size)
-        return torch.randint(0, len(self.data.train_x), shape, generator=generator).to(self.data.train_x.device)
+        inputs = self.data.training_inputs
+        return torch.randint(0, len(inputs), shape, generator=generator).to(inputs.device)
 
     def inner_loss(self, batches):
         def loss(weights, hyper, step):
             indices = batches[step]
-            x, y = self.data.train_x[indices], self.data.train_y[indices]
+            x, y = self.data.training_inputs[indices], self.data.training_targets[indices]
             teacher_params = dict(zip(self.teacher_names, hyper))
             w = example_weights(self.teacher, teacher_params, x, step / self.inner_steps, self.curriculum)
             return weighted_loss(functional_call(self.student, weights, (x,)), y, w)
         return loss
 
     def outer_loss(self, weights, hyper):
-        logits = functional_call(self.student, weights, (self.data.val_x,))
-        return F.cross_entropy(logits, self.data.val_y)
+        logits = functional_call(self.student, weights, (self.data.validation_inputs,))
+        return F.cross_entropy(logits, self.data.validation_targets)
 
     def hypergradient(self, student_weights, hyper, generator, chunk_size=0, truncation=0):
         batches = self.sample_batches(generator)
@@ -96,9 +95,9 @@ class Problem:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(10_000 + seed)
                 weights = fresh_weights(self.student_factory(), device, dtype)
-            batches = self.sample_batches(torch.Generator().manual_seed(20_000 + seed))
-            final = _sgd_steps(self.inner_loss(batches), weights, hyper, range(self.inner_steps),
-                               self.inner_lr, False)
+            loss = self.inner_loss(self.sample_batches(torch.Generator().manual_seed(20_000 + seed)))
+            final = sgd_steps(lambda w, k: loss(w, hyper, k), weights, range(self.inner_steps), self.inner_lr,
+                              graph=False)
             with torch.no_grad():
                 losses.append(float(self.outer_loss(final, hyper)))
         return sum(losses) / len(losses)
@@ -117,9 +116,10 @@ def plot_weights(teacher, teacher_params, data, curriculum, context, step):
     import matplotlib.pyplot as plt
     from scipy.stats import spearmanr
 
-    angles = data.extras["train_angle"].cpu().numpy()
-    labels = data.train_y.cpu().numpy()
-    final = example_weights(teacher, teacher_params, data.train_x, 1.0, curriculum).cpu().numpy()
+    angles = data.extras["training_angle"].cpu().numpy()
+    labels = data.training_targets.cpu().numpy()
+    inputs = data.training_inputs
+    final = example_weights(teacher, teacher_params, inputs, 1.0, curriculum).cpu().numpy()
     figure, axis = plt.subplots(figsize=(5, 3.5))
     for label, colour in ((0, "tab:blue"), (1, "tab:orange")):
         chosen = labels == label
@@ -130,7 +130,7 @@ def plot_weights(teacher, teacher_params, data, curriculum, context, step):
     save_figure(figure, context, "weight_vs_rotation", step)
 
     progress = torch.linspace(0, 1, 21).numpy()
-    correlations = [float(spearmanr(example_weights(teacher, teacher_params, data.train_x, float(p), curriculum)
+    correlations = [float(spearmanr(example_weights(teacher, teacher_params, inputs, float(p), curriculum)
                                     .cpu().numpy(), abs(angles)).statistic) for p in progress]
     figure, axis = plt.subplots(figsize=(5, 3.5))
     axis.plot(progress, correlations, marker="o")
@@ -142,45 +142,22 @@ def plot_weights(teacher, teacher_params, data, curriculum, context, step):
 
 
 # ----------------------------------------------------------------------------
-# Reuse: train a fresh student with a frozen teacher
+# Reuse: a frozen teacher weighting a fresh student's examples
 
 
-def weighting_from_payload(payload, data, device):
-    spec = payload["teacher"]
-    teacher = build_teacher(data.in_channels, data.image_size, spec["curriculum"], spec["width"]).to(device)
-    teacher.load_state_dict(payload["tensors"])
-    return teacher, spec["curriculum"]
+class ExampleWeights(FrozenTeaching):
+    """Weighted mini-batch losses from a frozen teacher (``None``: unweighted)."""
 
+    def __init__(self, teacher=None, curriculum=True):
+        self.teacher, self.curriculum = teacher, curriculum
+        self.params = None if teacher is None else dict(teacher.named_parameters())
 
-def evaluate_students(teacher, teacher_params, curriculum, data, student_specs, options, context, generator,
-                      prefix="Evaluation"):
-    """Train fresh students of each architecture with the frozen weighting
-    (``teacher=None``: plain unweighted training) and log their curves."""
-    results = []
-    for spec in student_specs:
-        name = spec["class"] if isinstance(spec, dict) else str(spec)
-        model = build_student(spec, "teaching.evaluation_students", **data.shape()).to(context.device)
-
-        def batch_loss(model, x, y, progress, indices):
-            logits = model(x)
-            if teacher is None:
-                return F.cross_entropy(logits, y)
-            with torch.no_grad():
-                w = example_weights(teacher, teacher_params, x, progress, curriculum)
-            return weighted_loss(logits, y, w)
-
-        results.append(train_student(model, data, batch_loss, lambda m, x: m(x), generator=generator,
-                                     context=context, prefix=f"{prefix}/{name}/", description=f"student {name}",
-                                     **options))
-    return mean_metrics(results)
-
-
-def train_student_with_commentary(payload, data, student, options, context, generator):
-    """Entry point of ``TrainWithCommentary`` for a saved example weighting."""
-    teacher, curriculum = weighting_from_payload(payload, data, context.device)
-    params = dict(teacher.named_parameters())
-    return evaluate_students(teacher, params, curriculum, data, [student or {"class": "CNN"}], options,
-                             context, generator, prefix="Student")
+    def loss(self, model, x, y, progress):
+        if self.teacher is None:
+            return F.cross_entropy(model(x), y)
+        with torch.no_grad():
+            weights = example_weights(self.teacher, self.params, x, progress, self.curriculum)
+        return weighted_loss(model(x), y, weights)
 
 
 # ----------------------------------------------------------------------------
@@ -188,77 +165,101 @@ def train_student_with_commentary(payload, data, student, options, context, gene
 
 
 @TEACHERS.register("ExampleWeighting")
-def example_weighting(*, context, data=None, commentary="learned", curriculum=True, teacher_steps=200,
-                      teacher_lr=0.01, teacher_width=8, inner_steps=20, inner_lr=0.3, batch_size=32,
-                      student=None, chunk_size=0, truncation=0, objective_seeds=4, evaluation_students=None,
-                      evaluation_steps=None, evaluation_lr=None, evaluation_optimiser="SGD", log_interval=10):
+class ExampleWeighting(TeachingMethod):
     """Learn an example-weighting teacher (``commentary: learned``) or skip it
     (``commentary: none``: the unweighted baseline), then train fresh students
     of each ``evaluation_students`` architecture with it and report their
-    final metrics; ``objective`` is their mean final validation loss."""
-    check_choice(commentary, "commentary", ("learned", "none"))
-    check_bool(curriculum, "curriculum")
-    check_int(teacher_steps, "teacher_steps", 0)
-    check_float(teacher_lr, "teacher_lr", 0.0)
-    check_int(teacher_width, "teacher_width", 1)
-    check_int(inner_steps, "inner_steps", 1)
-    check_float(inner_lr, "inner_lr", 0.0, strict_minimum=True)
-    check_int(batch_size, "batch_size", 1)
-    check_int(chunk_size, "chunk_size", 0)
-    check_int(truncation, "truncation", 0)
-    check_int(objective_seeds, "objective_seeds", 1)
-    check_int(log_interval, "log_interval", 1)
-    evaluation_students = check_list(evaluation_students or [{"class": "CNN"}, {"class": "MLP"}],
-                                     "evaluation_students")
-    evaluation = {"steps": check_int(evaluation_steps or inner_steps, "evaluation_steps", 1),
-                  "lr": check_float(evaluation_lr or inner_lr, "evaluation_lr", 0.0, strict_minimum=True),
-                  "optimiser": check_choice(evaluation_optimiser, "evaluation_optimiser", ("Adam", "SGD")),
-                  "batch_size": batch_size, "log_interval": max(1, min(log_interval, evaluation_steps or inner_steps))}
+    final metrics; ``objective`` is their mean final validation loss. One
+    outer step is one teacher step (a fresh student's ``inner_steps``)."""
 
-    device = context.device
-    dataset = build_data(data).to(device)
-    generator = torch.Generator().manual_seed(context.seed)
-    results = {"status": "finished", "dataset": dataset.name}
-    teacher = params = None
-    if commentary == "learned":
-        teacher = build_teacher(dataset.in_channels, dataset.image_size, curriculum, teacher_width).to(device)
-        params = dict(teacher.named_parameters())
-        student_spec = student or {"class": "MLP", "hidden": [32]}
-        make_student = lambda: build_student(student_spec, "teaching.student", **dataset.shape())  # noqa: E731
-        problem = Problem(dataset, teacher, make_student(), curriculum=curriculum, inner_steps=inner_steps,
-                          inner_lr=inner_lr, batch_size=batch_size, student_factory=make_student)
-        seeds = range(objective_seeds)
-        initial = problem.objective(params.values(), seeds, device)
-        optimiser = torch.optim.Adam(params.values(), lr=teacher_lr)
-        running = RunningMean(device)
-        with progress_bar(teacher_steps, context, "teacher (Algorithm 1)") as bar:
-            for step in range(teacher_steps):
-                weights = fresh_weights(make_student(), device)
-                loss, _, grads = problem.hypergradient(weights, tuple(params.values()), generator,
-                                                       chunk_size, truncation)
-                set_grads(params.values(), grads)
-                optimiser.step()
-                running.add(loss)
-                bar.update()
-                if (step + 1) % log_interval == 0 or step + 1 == teacher_steps:
-                    log_scalars(context.writer, {"Loss/Validation": running.pop()}, step + 1)
-        learned = problem.objective(params.values(), seeds, device)
-        results["teaching"] = {"objective_initial": initial, "objective_learned": learned}
-        log_scalars(context.writer, {"Commentary/Objective_Initial": initial,
-                                     "Commentary/Objective_Learned": learned}, teacher_steps)
-        if "train_angle" in dataset.extras:
-            correlations = plot_weights(teacher, params, dataset, curriculum, context, teacher_steps)
-            results["teaching"].update(correlations)
-        path = storage.save_commentary(
-            context.run_dir / "commentary.pt", kind=KIND, tensors=teacher.state_dict(), dataset=dataset.spec,
-            learned_by={"algorithm": "unrolled (Algorithm 1)", "teacher_steps": teacher_steps,
-                        "inner_steps": inner_steps, "chunk_size": chunk_size, "truncation": truncation,
-                        "seed": context.seed},
-            config={"curriculum": curriculum, "teacher_lr": teacher_lr, "inner_lr": inner_lr,
-                    "batch_size": batch_size, "student": student_spec},
-            teacher={"curriculum": curriculum, "width": teacher_width})
-        results["commentary_file"] = str(path)
-    final = evaluate_students(teacher, params, curriculum, dataset, evaluation_students, evaluation, context,
-                              evaluation_generator(context.seed))
-    results.update(final=final, objective=final["Loss/Validation"])
-    return results
+    def __init__(self, *, context, data=None, commentary="learned", curriculum=True, teacher_steps=200,
+                 teacher_lr=0.01, teacher_width=8, inner_steps=20, inner_lr=0.3, batch_size=32, student=None,
+                 chunk_size=0, truncation=0, objective_seeds=4, evaluation_students=None, evaluation_steps=None,
+                 evaluation_lr=None, evaluation_optimiser="SGD", log_interval=10):
+        self.learned = check_choice(commentary, "commentary", ("learned", "none")) == "learned"
+        self.curriculum = check_bool(curriculum, "curriculum")
+        self.steps = check_int(teacher_steps, "teacher_steps", 0) * self.learned
+        self.teacher_lr = check_float(teacher_lr, "teacher_lr", 0.0)
+        self.teacher_width = check_int(teacher_width, "teacher_width", 1)
+        self.inner_steps = check_int(inner_steps, "inner_steps", 1)
+        self.inner_lr = check_float(inner_lr, "inner_lr", 0.0, strict_minimum=True)
+        self.batch_size = check_int(batch_size, "batch_size", 1)
+        self.chunk_size = check_int(chunk_size, "chunk_size", 0)
+        self.truncation = check_int(truncation, "truncation", 0)
+        self.objective_seeds = range(check_int(objective_seeds, "objective_seeds", 1))
+        self.log_interval = check_int(log_interval, "log_interval", 1)
+        self.evaluation_students, self.evaluation = evaluation_options(
+            evaluation_students or [{"class": "CNN"}, {"class": "MLP"}],
+            steps=check_int(evaluation_steps or inner_steps, "evaluation_steps", 1),
+            lr=check_float(evaluation_lr or inner_lr, "evaluation_lr", 0.0, strict_minimum=True),
+            optimiser=check_choice(evaluation_optimiser, "evaluation_optimiser", ("Adam", "SGD")),
+            batch_size=batch_size, log_interval=log_interval)
+        self.student_spec = student or {"class": "MLP", "hidden": [32]}
+        self.use_data(data, context)
+        self.record = {}
+
+    def make_student(self):
+        return build_student(self.student_spec, self.data, "teaching.student")
+
+    def setup(self):
+        self.generator = torch.Generator().manual_seed(self.context.seed)
+        self.teacher = None
+        if self.learned:
+            self.teacher = build_teacher(self.data.input_shape, self.curriculum, self.teacher_width)
+            self.teacher = self.teacher.to(self.context.device)
+            self.params = dict(self.teacher.named_parameters())
+            self.problem = Problem(self.data, self.teacher, self.make_student(), curriculum=self.curriculum,
+                                   inner_steps=self.inner_steps, inner_lr=self.inner_lr,
+                                   batch_size=self.batch_size, student_factory=self.make_student)
+            self.optimiser = torch.optim.Adam(self.params.values(), lr=self.teacher_lr)
+
+    def begin(self):
+        if self.learned:
+            self.record["objective_initial"] = self.problem.objective(self.params.values(), self.objective_seeds,
+                                                                      self.context.device)
+
+    def checkpointed(self):
+        if not self.learned:
+            return {}
+        return {"teacher": self.teacher, "optimiser": self.optimiser, "generator": self.generator,
+                "record": self.record}
+
+    def outer_step(self, step):
+        weights = fresh_weights(self.make_student(), self.context.device)
+        loss, _, grads = self.problem.hypergradient(weights, tuple(self.params.values()), self.generator,
+                                                    self.chunk_size, self.truncation)
+        set_grads(self.params.values(), grads)
+        self.optimiser.step()
+        return {"Loss/Validation": loss}
+
+    def finish(self, steps_done):
+        teaching = dict(self.record)
+        if self.learned:
+            teaching["objective_learned"] = self.problem.objective(self.params.values(), self.objective_seeds,
+                                                                   self.context.device)
+            self.context.tracker.scalar("Commentary/Objective_Initial", teaching["objective_initial"], steps_done)
+            self.context.tracker.scalar("Commentary/Objective_Learned", teaching["objective_learned"], steps_done)
+            if "training_angle" in self.data.extras:
+                teaching.update(plot_weights(self.teacher, self.params, self.data, self.curriculum, self.context,
+                                             steps_done))
+        final = train_students(self.evaluation_students, self.data, ExampleWeights(self.teacher, self.curriculum),
+                               self.evaluation, self.context, evaluation_generator(self.context.seed))
+        return {"final": final, "teaching": teaching}
+
+    def export(self):
+        if not self.learned:
+            return None
+        return {"tensors": self.teacher.state_dict(), "dataset": self.data_spec,
+                "learned_by": {"algorithm": "unrolled (Algorithm 1)", "teacher_steps": self.steps,
+                               "inner_steps": self.inner_steps, "chunk_size": self.chunk_size,
+                               "truncation": self.truncation, "seed": self.context.seed},
+                "config": {"curriculum": self.curriculum, "teacher_lr": self.teacher_lr, "inner_lr": self.inner_lr,
+                           "batch_size": self.batch_size, "student": self.student_spec},
+                "teacher": {"curriculum": self.curriculum, "width": self.teacher_width}}
+
+    @classmethod
+    def frozen_teaching(cls, payload, data, device):
+        spec = payload["teacher"]
+        teacher = build_teacher(data.input_shape, spec["curriculum"], spec["width"]).to(device)
+        teacher.load_state_dict(payload["tensors"])
+        return ExampleWeights(teacher, spec["curriculum"])

@@ -26,16 +26,14 @@ learned).
 (and their generated images) keep a graph, so memory grows with T, not K
 (:func:`peak_saved_bytes` measures it).
 
-Data comes from :mod:`commentaries.data` (default ``{class: Digits}``:
-scikit-learn's embedded 8×8 digits, offline, CPU-sized); learners are
-:mod:`commentaries.common` students (``learner: {class: MLP}``), and
+Data comes from ``datasets.DATASETS`` (default: the embedded 8×8 digits with
+300 validation and 400 test images, offline, CPU-sized); learners from
+``models.MODELS`` (``learner: {class: MLP, hidden: [64]}``), and
 ``transfer_learners`` trains other architectures on the final generated
-batches to see whether the teaching transfers.
+batches to see whether the teaching transfers. The saved teacher trains a
+fresh student through ``TrainWithCommentary`` on its generated batches.
 """
-import io
 import math
-import os
-import warnings
 
 import matplotlib
 
@@ -45,26 +43,14 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.func import functional_call  # noqa: E402
-from tqdm import tqdm  # noqa: E402
 
 from commentaries import TEACHERS  # noqa: E402
-from commentaries.common import (atomic_write_bytes, build_student, check_bool, check_choice,  # noqa: E402
-                                 check_float, check_int, check_list, save_figure)
-from commentaries.data import build_data  # noqa: E402
-from errors import UserError  # noqa: E402
+from commentaries.bilevel import sgd_steps  # noqa: E402
+from commentaries.common import (DIGITS, FrozenTeaching, build_student, check_bool, check_choice,  # noqa: E402
+                                 check_float, check_int, check_list, save_figure, split_pairs)
+from commentaries.loop import TeachingMethod  # noqa: E402
 
 INPUT_KINDS = ("learned", "fixed", "noise", "real")
-DIVERGED_OBJECTIVE = 1e10
-
-
-def load_splits(spec, device):
-    """``teaching.data`` (default: the embedded digits, ``{class: Digits}``) as
-    ``({"train", "validation", "test"} -> (images, labels), TeachingData)``.
-    The split depends on the data's own seed, not the run's, so runs compare."""
-    data = build_data({"class": "Digits"} if spec is None else spec).to(device)
-    splits = {"train": (data.train_x, data.train_y), "validation": (data.val_x, data.val_y),
-              "test": (data.test_x, data.test_y)}
-    return splits, data
 
 
 # ----------------------------------------------------------------------------- networks
@@ -115,29 +101,14 @@ def train_learner(learner, params, images, labels, lr, momentum=0.0, differentia
     mode: memory grows with T, not K). ``on_step(k, params)`` sees the weights
     after each step (for accuracy-along-training curves).
     """
-    with torch.enable_grad():  # the inner steps need gradients even when evaluating
-        return _sgd_steps(learner, params, images, labels, lr, momentum, differentiable,
-                          truncation, on_step)
-
-
-def _sgd_steps(learner, params, images, labels, lr, momentum, differentiable, truncation, on_step):
     steps = len(images)
     first_graph_step = steps if not differentiable else steps - (truncation or steps)
-    params = {name: value if value.requires_grad else value.detach().requires_grad_()
-              for name, value in params.items()}
-    velocity = {name: torch.zeros_like(value) for name, value in params.items()}
-    for step in range(steps):
-        keep_graph = step >= first_graph_step
-        loss = F.cross_entropy(functional_call(learner, params, (images[step],)), labels[step])
-        grads = torch.autograd.grad(loss, list(params.values()), create_graph=keep_graph)
-        velocity = {name: momentum * velocity[name] + grad for name, grad in zip(params, grads)}
-        params = {name: params[name] - lr * velocity[name] for name in params}
-        if not keep_graph:  # steps outside the window: no graph survives them
-            params = {name: value.detach().requires_grad_() for name, value in params.items()}
-            velocity = {name: value.detach() for name, value in velocity.items()}
-        if on_step is not None:
-            on_step(step, params)
-    return params
+
+    def loss(weights, step):
+        return F.cross_entropy(functional_call(learner, weights, (images[step],)), labels[step])
+
+    return sgd_steps(loss, params, range(steps), lr, momentum, graph=lambda step: step >= first_graph_step,
+                     on_step=on_step)
 
 
 def balanced_labels(steps, batch_size, num_classes, device=None):
@@ -261,38 +232,6 @@ def evaluate(teacher, learner, train, splits, learners, momentum, seed, order=No
 
 # ----------------------------------------------------------------------------- teacher files
 
-TEACHER_FORMAT = "hypergrad-teacher"
-
-
-def save_teacher(path, kind, tensors, metadata):
-    """Write a learned teacher (GTN generator and inputs, AuxiLearn auxiliary network)
-    as one file, atomically: its tensors plus plain metadata (dataset, options,
-    seed) so it can be inspected or reused; read back with :func:`load_teacher`."""
-    payload = {"format": TEACHER_FORMAT, "kind": kind, "metadata": metadata,
-               "tensors": {name: tensor.detach().cpu().clone() for name, tensor in tensors.items()}}
-    buffer = io.BytesIO()
-    torch.save(payload, buffer)
-    atomic_write_bytes(path, buffer.getvalue())
-    return path
-
-
-def load_teacher(path, kind=None):
-    """A teacher file's payload, loaded with ``weights_only`` (tensors bit for bit,
-    no arbitrary unpickling); a :class:`UserError` if it is not one."""
-    if not os.path.isfile(path):
-        raise UserError(f"teacher file not found: {path}")
-    try:
-        with warnings.catch_warnings():  # torch warns about foreign pickle protocols first
-            warnings.simplefilter("ignore")
-            payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # a corrupt, foreign or hostile file (weights_only refuses code)
-        raise UserError(f"{path} is not a readable teacher file ({type(error).__name__})") from None
-    if not isinstance(payload, dict) or payload.get("format") != TEACHER_FORMAT \
-            or (kind is not None and payload.get("kind") != kind):
-        raise UserError(f"{path} is not a {kind or ''} teacher file")
-    return payload
-
-
 def teacher_tensors(teacher):
     """The GTN teacher's learned state as named tensors."""
     tensors = {"log_lr": teacher.log_lr, "labels": teacher.labels}
@@ -376,85 +315,127 @@ def check_options(input, truncation, inner_steps, learn_inner_lr, transfer_learn
 
 
 @TEACHERS.register("GTN", aliases=["GenerativeTeachingNetwork"])
-def generative_teaching_network(*, context, data=None, input="learned", outer_steps=300,
-                                inner_steps=8, batch_size=50, real_batch_size=256, noise_size=16,
-                                generator_hidden=128, learner=None, inner_lr=0.2,
-                                learn_inner_lr=True, inner_momentum=0.5, outer_lr=0.01,
-                                max_grad_norm=10.0, truncation=None, eval_learners=4,
-                                shuffles=4, transfer_learners=(), log_interval=50):
-    """Train a GTN teacher and return the run's results (see module docstring).
+class GenerativeTeachingNetwork(TeachingMethod):
+    """Train a GTN teacher (see the module docstring); one outer step is one
+    fresh learner's K inner steps and the teacher's update.
 
     ``learner`` is a student spec (``{class: MLP, hidden: [64]}``, the default;
     ``CNN``, ``Linear``); ``transfer_learners`` lists other architectures that
     are trained on the final generated batches and evaluated on real test data.
     """
-    check_options(input, truncation, inner_steps, learn_inner_lr, transfer_learners,
-                  outer_steps=outer_steps, batch_size=batch_size, real_batch_size=real_batch_size,
-                  noise_size=noise_size, generator_hidden=generator_hidden, inner_lr=inner_lr,
-                  inner_momentum=inner_momentum, outer_lr=outer_lr, max_grad_norm=max_grad_norm,
-                  eval_learners=eval_learners, shuffles=shuffles, log_interval=log_interval)
-    device = context.device
-    splits, data = load_splits(data, device)
-    train_images, train_labels = splits["train"]
-    rng = torch.Generator().manual_seed(context.seed)
-    teacher = Teacher(input, noise_size, data.num_classes, tuple(train_images.shape[1:]),
-                      generator_hidden, inner_steps, batch_size, inner_lr, learn_inner_lr, rng, device)
-    learner_spec = learner or {"class": "MLP", "hidden": [64]}
-    learner = build_student(learner_spec, "teaching.learner", **data.shape()).to(device)
-    parameters = teacher.parameters()
-    optimiser = torch.optim.Adam(parameters, lr=outer_lr) if parameters else None
-    writer = context.writer
 
-    status, step = "finished", 0
-    interval_loss, interval_steps = torch.zeros((), device=device), 0
-    for step in tqdm(range(1, outer_steps + 1), desc="GTN outer steps", disable=not context.progress):
-        real = torch.randint(len(train_labels), (real_batch_size,), generator=rng).to(device)
-        init_params = init_learner_params(learner, rng, device=device)
-        images, labels = teacher.batches(train_images, train_labels, truncation=truncation)
-        params = train_learner(learner, init_params, images, labels, teacher.lr(), inner_momentum,
-                               differentiable=True, truncation=truncation)
-        loss = F.cross_entropy(functional_call(learner, params, (train_images[real],)), train_labels[real])
-        interval_loss += loss.detach()
-        interval_steps += 1
-        if optimiser is not None:
-            optimiser.zero_grad()
+    def __init__(self, *, context, data=None, input="learned", outer_steps=300, inner_steps=8, batch_size=50,
+                 real_batch_size=256, noise_size=16, generator_hidden=128, learner=None, inner_lr=0.2,
+                 learn_inner_lr=True, inner_momentum=0.5, outer_lr=0.01, max_grad_norm=10.0, truncation=None,
+                 eval_learners=4, shuffles=4, transfer_learners=(), log_interval=50):
+        check_options(input, truncation, inner_steps, learn_inner_lr, transfer_learners,
+                      outer_steps=outer_steps, batch_size=batch_size, real_batch_size=real_batch_size,
+                      noise_size=noise_size, generator_hidden=generator_hidden, inner_lr=inner_lr,
+                      inner_momentum=inner_momentum, outer_lr=outer_lr, max_grad_norm=max_grad_norm,
+                      eval_learners=eval_learners, shuffles=shuffles, log_interval=log_interval)
+        self.context, self.input, self.steps, self.log_interval = context, input, outer_steps, log_interval
+        self.inner_steps, self.batch_size, self.real_batch_size = inner_steps, batch_size, real_batch_size
+        self.noise_size, self.generator_hidden, self.inner_lr = noise_size, generator_hidden, inner_lr
+        self.learn_inner_lr, self.momentum, self.outer_lr = learn_inner_lr, inner_momentum, outer_lr
+        self.max_grad_norm, self.truncation, self.eval_learners = max_grad_norm, truncation, eval_learners
+        self.shuffles, self.transfer_learners = shuffles, list(transfer_learners)
+        self.learner_spec = learner or {"class": "MLP", "hidden": [64]}
+        self.use_data(dict(data or DIGITS), context)
+        self.splits = split_pairs(self.data)
+
+    def setup(self):
+        device = self.context.device
+        self.rng = torch.Generator().manual_seed(self.context.seed)
+        self.teacher = Teacher(self.input, self.noise_size, self.data.output_size, self.data.input_shape,
+                               self.generator_hidden, self.inner_steps, self.batch_size, self.inner_lr,
+                               self.learn_inner_lr, self.rng, device)
+        self.learner = build_student(self.learner_spec, self.data, "teaching.learner").to(device)
+        self.parameters = self.teacher.parameters()
+        self.optimiser = torch.optim.Adam(self.parameters, lr=self.outer_lr) if self.parameters else None
+
+    def checkpointed(self):
+        state = {"log_lr": self.teacher.log_lr, "rng": self.rng}
+        if self.teacher.generator is not None:
+            state["generator"] = self.teacher.generator
+        if self.teacher.inputs is not None:
+            state["inputs"] = self.teacher.inputs
+        if self.optimiser is not None:
+            state["optimiser"] = self.optimiser
+        return state
+
+    def outer_step(self, step):
+        train_images, train_labels = self.splits["train"]
+        device = self.context.device
+        real = torch.randint(len(train_labels), (self.real_batch_size,), generator=self.rng).to(device)
+        init_params = init_learner_params(self.learner, self.rng, device=device)
+        images, labels = self.teacher.batches(train_images, train_labels, truncation=self.truncation)
+        params = train_learner(self.learner, init_params, images, labels, self.teacher.lr(), self.momentum,
+                               differentiable=True, truncation=self.truncation)
+        loss = F.cross_entropy(functional_call(self.learner, params, (train_images[real],)), train_labels[real])
+        metrics = {"Loss/Training": loss.detach()}
+        if self.optimiser is not None:
+            self.optimiser.zero_grad()
             loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(parameters, max_grad_norm)
-            optimiser.step()
-        if step % log_interval == 0 or step == outer_steps:
-            mean_loss = float(interval_loss) / interval_steps
-            interval_loss.zero_()
-            interval_steps = 0
-            if not math.isfinite(mean_loss):
-                status = "diverged"
-                break
-            writer.add_scalar("Loss/Training", mean_loss, step)
-            writer.add_scalar("Hyperparameter/Lr", float(teacher.lr().detach()), step)
-            if optimiser is not None:
-                writer.add_scalar("Hypergradient/Norm", float(grad_norm), step)
-            metrics, _ = evaluate(teacher, learner, splits["train"], {"validation": splits["validation"]},
-                                  eval_learners, inner_momentum, seed=context.seed + 1)
-            writer.add_scalar("Loss/Validation", metrics["validation"][0], step)
-            writer.add_scalar("Accuracy/Validation", metrics["validation"][1], step)
+            metrics["Hypergradient/Norm"] = torch.nn.utils.clip_grad_norm_(self.parameters, self.max_grad_norm)
+            self.optimiser.step()
+        metrics["Hyperparameter/Lr"] = self.teacher.lr().detach()
+        return metrics
 
-    if status == "diverged":
-        return {"status": "diverged", "dataset": data.name, "final": {},
-                "objective": DIVERGED_OBJECTIVE, "teacher_steps_done": step}
-    final = final_metrics(teacher, learner, splits, eval_learners, shuffles, inner_momentum, context,
-                          outer_steps)
-    for index, spec in enumerate(transfer_learners):
-        final.update(transfer_metrics(teacher, spec, index, data, splits, eval_learners,
-                                      inner_momentum, context.seed + 4))
-    for tag, value in final.items():
-        writer.add_scalar(f"Final/{tag}", value, outer_steps)
-    writer.flush()
-    save_teacher(context.run_dir / "teacher.pt", "GTN", teacher_tensors(teacher),
-                 {"dataset": data.spec, "seed": context.seed, "input": input, "outer_steps": outer_steps,
-                  "inner_steps": inner_steps, "noise_size": noise_size,
-                  "generator_hidden": generator_hidden, "learner": learner_spec})
-    return {"status": "finished", "dataset": data.name, "final": final,
-            "objective": final["Loss/Validation"], "teacher_steps_done": outer_steps,
-            "hyperparameters": {"lr": float(teacher.lr().detach()), "momentum": inner_momentum}}
+    def evaluate(self, step):
+        metrics, _ = evaluate(self.teacher, self.learner, self.splits["train"],
+                              {"validation": self.splits["validation"]}, self.eval_learners, self.momentum,
+                              seed=self.context.seed + 1)
+        return {"Loss/Validation": metrics["validation"][0], "Accuracy/Validation": metrics["validation"][1]}
+
+    def finish(self, steps_done):
+        final = final_metrics(self.teacher, self.learner, self.splits, self.eval_learners, self.shuffles,
+                              self.momentum, self.context, steps_done)
+        for index, spec in enumerate(self.transfer_learners):
+            final.update(transfer_metrics(self.teacher, spec, index, self.data, self.splits, self.eval_learners,
+                                          self.momentum, self.context.seed + 4))
+        lr = float(self.teacher.lr().detach())
+        return {"final": final, "teaching": {"inner_lr": lr},
+                "hyperparameters": {"lr": lr, "momentum": self.momentum}}
+
+    def export(self):
+        return {"tensors": teacher_tensors(self.teacher), "dataset": self.data_spec,
+                "learned_by": {"algorithm": "unrolled (GTN)", "outer_steps": self.steps,
+                               "inner_steps": self.inner_steps, "seed": self.context.seed},
+                "teacher": {"input": self.input, "noise_size": self.noise_size,
+                            "generator_hidden": self.generator_hidden, "inner_steps": self.inner_steps,
+                            "batch_size": self.batch_size, "momentum": self.momentum},
+                "config": {"learner": self.learner_spec}}
+
+    @classmethod
+    def frozen_teaching(cls, payload, data, device):
+        """The teacher's K generated batches, in its order, repeated; the
+        ``input: real`` baseline has no generator: plain real batches."""
+        options, tensors = payload["teacher"], payload["tensors"]
+        if options["input"] == "real":
+            return FrozenTeaching()
+        generator = Generator(options["noise_size"], data.output_size, data.input_shape,
+                              options["generator_hidden"])
+        generator.load_state_dict({name.removeprefix("generator."): value for name, value in tensors.items()
+                                   if name.startswith("generator.")})
+        labels = tensors["labels"]
+        inputs = tensors.get("inputs")
+        if inputs is None:  # fresh noise: one draw, reproducible
+            inputs = torch.randn(*labels.shape, options["noise_size"], generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            images = generate(generator.to(device), inputs.to(device), labels.to(device))
+        return GeneratedBatches(images, labels.to(device))
+
+
+class GeneratedBatches(FrozenTeaching):
+    """A frozen GTN's synthetic batches: batch ``k mod K`` at step ``k`` (its
+    own batch size: the teacher fixed it)."""
+
+    def __init__(self, images, labels):
+        self.images, self.labels = images, labels
+
+    def batch(self, data, step, batch_size, generator):
+        index = step % len(self.images)
+        return self.images[index], self.labels[index]
 
 
 def final_metrics(teacher, learner, splits, eval_learners, shuffles, momentum, context, step):
@@ -487,7 +468,7 @@ def transfer_metrics(teacher, spec, index, data, splits, eval_learners, momentum
     """Test loss/accuracy of another architecture trained on the generated batches
     (with the learned learning rate): does the teaching transfer?"""
     where = f"teaching.transfer_learners[{index}]"
-    learner = build_student(spec, where, **data.shape()).to(teacher.log_lr.device)
+    learner = build_student(spec, data, where).to(teacher.log_lr.device)
     name = spec if isinstance(spec, str) else spec.get("class")
     metrics, _ = evaluate(teacher, learner, splits["train"], {"test": splits["test"]}, eval_learners,
                           momentum, seed=seed)
@@ -505,13 +486,14 @@ def peak_saved_bytes(inner_steps, truncation=None, batch_size=50, noise_size=16,
 
         python -c "from commentaries import gtn; print(gtn.peak_saved_bytes(128, 8))"
     """
-    from commentaries.common import SavedTensorMeter, mlp
+    from commentaries.common import SavedTensorMeter
+    from models import MLP
 
     torch.manual_seed(seed)
     generator = Generator(noise_size, 10, (1, 8, 8))
     inputs = torch.randn(inner_steps, batch_size, noise_size, requires_grad=True)
     labels = balanced_labels(inner_steps, batch_size, 10)
-    learner = mlp(in_channels=1, image_size=8, num_outputs=10, hidden=[64])
+    learner = MLP(hidden=[64], input_shape=(1, 8, 8), output_size=10)
     init = init_learner_params(learner, torch.Generator().manual_seed(seed))
     real_images, real_labels = torch.rand(256, 1, 8, 8), torch.randint(10, (256,))
     meter = SavedTensorMeter()

@@ -2,23 +2,14 @@
 differences at the inner optimum, the MetaOptimizer wrapper, and learning on
 the embedded digits against its baselines."""
 import pathlib
-import types
 
 import pytest
 import torch
-from torch.utils.tensorboard import SummaryWriter
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from commentaries import auxilearn
+from commentaries import auxilearn, storage
+from commentaries.bilevel import implicit_hypergradient
 from errors import UserError
-
-
-def make_context(tmp_path, seed=0):
-    torch.manual_seed(seed)
-    run_dir = pathlib.Path(tmp_path)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    return types.SimpleNamespace(run_dir=run_dir, writer=SummaryWriter(str(run_dir)),
-                                 device=torch.device("cpu"), seed=seed, progress=False)
 
 
 class RegressionProblem:
@@ -70,8 +61,8 @@ class RegressionProblem:
 
     def implicit(self, w, steps, lr):
         w = w.detach().requires_grad_()
-        return auxilearn.implicit_hypergradient(self.val_loss(w), self.train_loss(w),
-                                                self.combiner.parameters(), [w], lr, steps)
+        return implicit_hypergradient(self.val_loss(w), self.train_loss(w), self.combiner.parameters(), [w],
+                                      lr, steps)
 
 
 def flat(tensors):
@@ -161,9 +152,9 @@ def test_learned_weighting_beats_its_equal_weighting_initialisation(tmp_path):
     # Same seed, same data order: only the auxiliary-weight updates differ.
     assert learned["objective"] < 0.6 * equal["objective"]
     assert learned["final"]["Loss/Auxiliary_Set"] < equal["final"]["Loss/Auxiliary_Set"]
-    weights = learned["auxiliary_weights"]
+    weights = learned["teaching"]["auxiliary_weights"]
     assert weights["noisy_labels"] < 0.3 < 1.0 < weights["parity"]  # label noise turned down
-    assert equal["auxiliary_weights"] == pytest.approx({"parity": 1.0, "rotation": 1.0,
+    assert equal["teaching"]["auxiliary_weights"] == pytest.approx({"parity": 1.0, "rotation": 1.0,
                                                         "noisy_labels": 1.0}, abs=1e-6)
 
     run_dir = pathlib.Path(learned["run_dir"])
@@ -176,11 +167,10 @@ def test_learned_weighting_beats_its_equal_weighting_initialisation(tmp_path):
     assert events.Scalars("Final/Loss/Validation")[-1].value == pytest.approx(learned["objective"], rel=1e-6)
     assert "Commentary/auxiliary_weights" in events.Tags()["images"]
     assert len(events.Scalars("Hypergradient/Norm")) == 4
-    from commentaries.gtn import load_teacher
-    saved = load_teacher(run_dir / "teacher.pt", kind="AuxiLearn")
+    saved = storage.load_teacher(run_dir / "teacher.pt", method="AuxiLearn")
     combiner = auxilearn.LinearCombiner(3)
     combiner.load_state_dict(saved["tensors"])
-    assert combiner.weights().tolist() == pytest.approx([weights[t] for t in saved["metadata"]["auxiliary_tasks"]],
+    assert combiner.weights().tolist() == pytest.approx([weights[t] for t in saved["teacher"]["auxiliary_tasks"]],
                                                         rel=1e-6)
 
 
@@ -188,8 +178,8 @@ def test_nonlinear_combiner_and_main_task_only_baseline(tmp_path):
     nonlinear = run_algorithm("AuxiLearn_Nonlinear", tmp_path)
     alone = run_algorithm("AuxiLearn_NoAuxiliary", tmp_path)
     assert nonlinear["final"]["Accuracy/Test"] > 0.85 and alone["final"]["Accuracy/Test"] > 0.85
-    assert nonlinear["auxiliary_weights"]["noisy_labels"] < 0.1
-    assert alone["auxiliary_weights"] == {}
+    assert nonlinear["teaching"]["auxiliary_weights"]["noisy_labels"] < 0.1
+    assert alone["teaching"]["auxiliary_weights"] == {} and alone["teacher_file"] is None
     assert not (pathlib.Path(alone["run_dir"]) / "auxiliary_weights.png").exists()
 
 

@@ -8,7 +8,6 @@ import json
 import math
 import pathlib
 import sys
-import types
 
 import pytest
 import torch
@@ -19,24 +18,26 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import commentaries  # noqa: E402
+import datasets  # noqa: E402
 from commentaries import attention, augmentation, example_weighting, storage  # noqa: E402
-from commentaries.common import (SavedTensorMeter, build_student, fresh_weights, implicit_hypergradient,  # noqa: E402
-                                 unrolled_hypergradient)
-from commentaries.data import build_data  # noqa: E402
+from commentaries.bilevel import implicit_hypergradient, unrolled_hypergradient  # noqa: E402
+from commentaries.common import SavedTensorMeter, build_student, fresh_weights  # noqa: E402
+from commentaries.loop import Context  # noqa: E402
 from errors import UserError  # noqa: E402
+from models import MLP  # noqa: E402
 
 ROTATED = {"class": "RotatedDigits", "overlapping": True, "image_size": 8, "train_size": 256,
            "validation_size": 128, "test_size": 128}
 
 
-def make_context(tmp_path, seed=0, writer=False):
+def build_data(spec, data_root=None):
+    """A teaching dataset from the shared registry (``datasets.DATASETS``)."""
+    return datasets.load_data(spec, validation_proportion=0.2, data_root=data_root, where="teaching.data")
+
+
+def make_context(tmp_path, seed=0):
     torch.manual_seed(seed)
-    summary = None
-    if writer:
-        from torch.utils.tensorboard import SummaryWriter
-        summary = SummaryWriter(tmp_path)
-    return types.SimpleNamespace(run_dir=pathlib.Path(tmp_path), writer=summary, device=torch.device("cpu"),
-                                 seed=seed, progress=False)
+    return Context(run_dir=pathlib.Path(tmp_path), seed=seed)
 
 
 # ----------------------------------------------------------------------------
@@ -46,21 +47,22 @@ def make_context(tmp_path, seed=0, writer=False):
 def test_rotated_digits_angles_follow_the_class_ranges():
     for overlapping, ranges in ((False, ((15, 45), (-45, -15))), (True, ((-5, 30), (-30, 5)))):
         data = build_data({**ROTATED, "overlapping": overlapping})
-        for split in ("train", "val", "test"):
-            angle, label = data.extras[f"{split}_angle"], getattr(data, f"{split}_y")
+        for split in ("training", "validation", "test"):
+            angle, label = data.extras[f"{split}_angle"], getattr(data, f"{split}_targets")
             for cls, (low, high) in enumerate(ranges):
                 chosen = angle[label == cls]
                 assert len(chosen) > 20
                 assert chosen.min() >= low and chosen.max() <= high
-        assert data.train_x.shape == (256, 1, 8, 8) and 0 <= data.train_x.min() and data.train_x.max() <= 1
+        x = data.training_inputs
+        assert x.shape == (256, 1, 8, 8) and 0 <= x.min() and x.max() <= 1
 
 
 def test_coloured_digits_label_is_the_red_digit():
     data = build_data({"class": "ColouredDigits", "train_size": 64, "validation_size": 8, "test_size": 8})
-    x = data.train_x
+    x = data.training_inputs
     assert x.shape == (64, 3, 16, 16)
     assert torch.all(x[:, 1] == 0)  # no green
-    quadrant = data.extras["train_red_quadrant"]
+    quadrant = data.extras["training_red_quadrant"]
     for i in range(64):
         r, c = divmod(int(quadrant[i]), 2)
         red = x[i, 0]
@@ -70,7 +72,7 @@ def test_coloured_digits_label_is_the_red_digit():
 
 
 def test_bad_data_options_are_user_errors():
-    with pytest.raises(UserError, match="teaching.data.overlapping"):
+    with pytest.raises(UserError, match="teaching.data: RotatedDigits: overlapping"):
         build_data({"class": "RotatedDigits", "overlapping": "yes"})
     with pytest.raises(UserError, match="unknown option 'sise'"):
         build_data({"class": "Digits", "sise": 3})
@@ -80,7 +82,7 @@ def test_bad_data_options_are_user_errors():
 
 def test_mnist_source_without_files_is_a_user_error(tmp_path):
     with pytest.raises(UserError, match="no MNIST files"):
-        build_data({"class": "RotatedDigits", "source": "mnist", "data_root": str(tmp_path)})
+        build_data({"class": "RotatedDigits", "source": "mnist"}, data_root=str(tmp_path))
 
 
 # ----------------------------------------------------------------------------
@@ -89,11 +91,12 @@ def test_mnist_source_without_files_is_a_user_error(tmp_path):
 
 def tiny_weighting_problem(dtype=torch.float64):
     data = build_data({**ROTATED, "train_size": 64, "validation_size": 32})
-    for split in ("train", "val", "test"):
-        setattr(data, f"{split}_x", getattr(data, f"{split}_x").to(dtype))
+    for split in ("training", "validation", "test"):
+        setattr(data, f"{split}_inputs", getattr(data, f"{split}_inputs").to(dtype))
     torch.manual_seed(0)
-    teacher = example_weighting.build_teacher(1, 8, curriculum=True, width=2, activation="Tanh").to(dtype)
-    student = build_student({"class": "MLP", "hidden": [6], "activation": "Tanh"}, "s", **data.shape()).to(dtype)
+    teacher = example_weighting.build_teacher((1, 8, 8), curriculum=True, width=2, activation_function="Tanh")
+    teacher = teacher.to(dtype)
+    student = build_student({"class": "MLP", "hidden": [6], "activation_function": "Tanh"}, data, "s").to(dtype)
     problem = example_weighting.Problem(data, teacher, student, curriculum=True, inner_steps=4, inner_lr=0.5,
                                         batch_size=16)
     hyper = tuple(p.detach().clone().requires_grad_(True) for p in teacher.parameters())
@@ -147,9 +150,9 @@ def test_checkpointed_unroll_is_exact_and_holds_less_memory():
 def test_augmentation_unrolled_hypergradient_matches_finite_differences():
     data = build_data({"class": "Digits", "image_size": 4, "max_examples": 300, "validation_size": 40,
                        "test_size": 40})
-    data.train_x, data.val_x = data.train_x.double(), data.val_x.double()
+    data.training_inputs, data.validation_inputs = data.training_inputs.double(), data.validation_inputs.double()
     torch.manual_seed(0)
-    student = build_student({"class": "MLP", "hidden": [5], "activation": "Tanh"}, "s", **data.shape()).double()
+    student = build_student({"class": "MLP", "hidden": [5], "activation_function": "Tanh"}, data, "s").double()
     inner, outer = augmentation.unrolled_losses(student, data, 16, 3, torch.Generator().manual_seed(0))
     grid = (0.3 * torch.randn(10, 10, dtype=torch.float64)).requires_grad_(True)
 
@@ -173,12 +176,12 @@ def convex_augmentation_problem():
     by a 3x3 grid: strongly convex in w, so w*(φ) is unique and the implicit
     function theorem holds exactly."""
     data = build_data({"class": "Digits", "image_size": 4, "validation_size": 300, "test_size": 100})
-    keep = data.train_y < 3
-    x, y = data.train_x[keep][:60].double(), data.train_y[keep][:60]
-    keep = data.val_y < 3
-    vx, vy = data.val_x[keep][:40].double(), data.val_y[keep][:40]
+    keep = data.training_targets < 3
+    x, y = data.training_inputs[keep][:60].double(), data.training_targets[keep][:60]
+    keep = data.validation_targets < 3
+    vx, vy = data.validation_inputs[keep][:40].double(), data.validation_targets[keep][:40]
     partner = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
-    student = build_student({"class": "Linear"}, "s", in_channels=1, image_size=4, num_outputs=3).double()
+    student = MLP(hidden=[], input_shape=(1, 4, 4), output_size=3).double()
     kappa = 0.3
 
     def training_loss(weights, hyper):
@@ -233,14 +236,17 @@ def test_implicit_hypergradient_matches_exact_solution_and_finite_differences():
             bump[i, j] = epsilon
             numeric[i, j] = (outer_at(grid.detach() + bump) - outer_at(grid.detach() - bump)) / (2 * epsilon)
     errors = {}
+    def implicit(steps):
+        (estimate,) = implicit_hypergradient(validation_loss(weights, (grid,)), training_loss(weights, (grid,)),
+                                             [grid], list(weights.values()), lr, steps)
+        return estimate
+
     for steps in (1, 5, 50, 400):
-        _, (estimate,) = implicit_hypergradient(training_loss, validation_loss, weights, (grid,), steps, lr)
-        errors[steps] = float((estimate - numeric).norm() / numeric.norm())
+        errors[steps] = float((implicit(steps) - numeric).norm() / numeric.norm())
     assert errors[1] > errors[5] > errors[50] > errors[400]
     assert errors[400] < 1e-6
     # one Neumann term (the paper's setting) still points downhill
-    _, (one_step,) = implicit_hypergradient(training_loss, validation_loss, weights, (grid,), 1, lr)
-    assert float((one_step * numeric).sum()) > 0
+    assert float((implicit(1) * numeric).sum()) > 0
 
 
 # ----------------------------------------------------------------------------
@@ -292,7 +298,7 @@ def test_mask_baselines():
     data = build_data({"class": "ColouredDigits", "train_size": 8, "validation_size": 8, "test_size": 64})
     teacher = attention.build_teacher(3, 4)
     params = dict(teacher.named_parameters())
-    x = data.test_x
+    x = data.test_inputs
     learned = attention.mask_centres(teacher, params, x)
     assert learned.shape == (64, 2) and float(learned.min()) >= 0 and float(learned.max()) <= 15
     torch.manual_seed(1)
@@ -315,14 +321,14 @@ def test_example_weighting_lowers_its_objective_and_plots(tmp_path):
     results = commentaries.run(
         {"class": "ExampleWeighting", "data": ROTATED, "teacher_steps": 30, "teacher_lr": 0.01, "inner_steps": 10,
          "objective_seeds": 3, "evaluation_students": [{"class": "MLP", "hidden": [16]}], "evaluation_steps": 20},
-        make_context(tmp_path, writer=True))
+        make_context(tmp_path))
     teaching = results["teaching"]
     assert teaching["objective_learned"] < teaching["objective_initial"] - 0.01, teaching
     assert (tmp_path / "weight_vs_rotation.png").stat().st_size > 5000
     assert (tmp_path / "rank_correlation_over_training.png").stat().st_size > 5000
     assert results["objective"] == results["final"]["Loss/Validation"] and 0 < results["objective"] < 1
     assert -1 <= teaching["Commentary/Rank_Correlation_End"] <= 1
-    assert (tmp_path / "commentary.pt").is_file()
+    assert results["teacher_file"] == str(tmp_path / "teacher.pt")
 
 
 def test_augmentation_implicit_lowers_its_objective(tmp_path):
@@ -333,7 +339,7 @@ def test_augmentation_implicit_lowers_its_objective(tmp_path):
         make_context(tmp_path))
     teaching = results["teaching"]
     assert teaching["objective_learned"] < teaching["objective_initial"] - 0.1, teaching
-    payload = storage.load_commentary(tmp_path / "commentary.pt")
+    payload = storage.load_teacher(tmp_path / "teacher.pt", method="Augmentation")
     lam = payload["tensors"]["proportions"]
     assert lam.shape == (10, 10) and float(lam.min()) >= 0.5 and float(lam.max()) <= 1.0
     assert float((lam - 0.75).abs().max()) > 0.1  # moved from the initial λ = 0.75
@@ -375,17 +381,17 @@ def test_attention_masks_lower_their_objective(tmp_path):
 
 def test_saved_commentary_reloads_bit_for_bit(tmp_path):
     torch.manual_seed(0)
-    teacher = example_weighting.build_teacher(1, 8, True, 4)
+    teacher = example_weighting.build_teacher((1, 8, 8), True, 4)
     state = teacher.state_dict()
     state["grid"] = torch.randn(10, 10, dtype=torch.float64)  # any dtype survives
     path = tmp_path / "sub" / "c.pt"
-    storage.save_commentary(path, kind="example_weighting", tensors=state, dataset=ROTATED,
+    storage.save_teacher(path, method="ExampleWeighting", tensors=state, dataset=ROTATED,
                             learned_by={"algorithm": "unrolled (Algorithm 1)", "inner_steps": 10, "seed": 0},
                             config={"curriculum": True, "student": {"class": "MLP", "hidden": [16]}},
                             teacher={"curriculum": True, "width": 4})
     assert [p.name for p in path.parent.iterdir()] == ["c.pt"]  # no temporary file left
-    payload = storage.load_commentary(path)
-    assert payload["kind"] == "example_weighting" and payload["dataset"] == ROTATED
+    payload = storage.load_teacher(path)
+    assert payload["method"] == "ExampleWeighting" and payload["dataset"] == ROTATED
     assert payload["config"]["student"] == {"class": "MLP", "hidden": [16]}
     assert payload["learned_by"]["algorithm"] == "unrolled (Algorithm 1)"
     assert set(payload["tensors"]) == set(state)
@@ -394,23 +400,23 @@ def test_saved_commentary_reloads_bit_for_bit(tmp_path):
         assert loaded.dtype == tensor.dtype and torch.equal(loaded, tensor)
         assert loaded.numpy().tobytes() == tensor.numpy().tobytes()
     again = tmp_path / "again.pt"
-    storage.save_commentary(again, kind=payload["kind"], tensors=payload["tensors"], dataset=payload["dataset"],
+    storage.save_teacher(again, method=payload["method"], tensors=payload["tensors"], dataset=payload["dataset"],
                             learned_by=payload["learned_by"], config=payload["config"], teacher=payload["teacher"])
-    reloaded = storage.load_commentary(again)
+    reloaded = storage.load_teacher(again)
     assert all(torch.equal(reloaded["tensors"][n], payload["tensors"][n]) for n in state)
 
 
 def test_bad_commentary_files_are_user_errors(tmp_path):
     with pytest.raises(UserError, match="no such file"):
-        storage.load_commentary(tmp_path / "missing.pt")
+        storage.load_teacher(tmp_path / "missing.pt")
     junk = tmp_path / "junk.pt"
     junk.write_bytes(b"not a checkpoint")
-    with pytest.raises(UserError, match="not a readable commentary"):
-        storage.load_commentary(junk)
+    with pytest.raises(UserError, match="not a readable teacher"):
+        storage.load_teacher(junk)
     other = tmp_path / "other.pt"
     torch.save({"weights": torch.zeros(2)}, other)
-    with pytest.raises(UserError, match="not a hypergrad-commentary"):
-        storage.load_commentary(other)
+    with pytest.raises(UserError, match="not a hypergrad-teacher"):
+        storage.load_teacher(other)
 
 
 def test_reuse_trains_a_student_of_another_architecture(tmp_path):
@@ -421,15 +427,15 @@ def test_reuse_trains_a_student_of_another_architecture(tmp_path):
                       "evaluation_steps": 2}, make_context(learn_dir))
     reuse_dir = tmp_path / "reuse"
     reuse_dir.mkdir()
-    results = commentaries.run({"class": "TrainWithCommentary", "commentary": str(learn_dir / "commentary.pt"),
+    results = commentaries.run({"class": "TrainWithCommentary", "commentary": str(learn_dir / "teacher.pt"),
                                 "student": {"class": "CNN", "width": 8}, "steps": 60, "lr": 0.01,
                                 "optimiser": "Adam", "batch_size": 32, "log_interval": 20},
-                               make_context(reuse_dir, writer=True))
-    assert results["commentary"]["kind"] == "example_weighting"
+                               make_context(reuse_dir))
+    assert results["teaching"]["teacher"]["method"] == "ExampleWeighting"
     assert results["dataset"] == "RotatedDigitsOverlapping"
     assert results["final"]["Accuracy/Test"] > 0.7
     with pytest.raises(UserError, match="learned on RotatedDigits, not Digits"):
-        commentaries.run({"class": "TrainWithCommentary", "commentary": str(learn_dir / "commentary.pt"),
+        commentaries.run({"class": "TrainWithCommentary", "commentary": str(learn_dir / "teacher.pt"),
                           "data": {"class": "Digits"}}, make_context(reuse_dir))
 
 
@@ -505,8 +511,22 @@ def test_learn_then_reuse_through_train_with_tensorboard(tmp_path, monkeypatch):
     assert [e.step for e in last] == [10, 10]
     assert sum(e.value for e in last) / 2 == pytest.approx(learned["final"]["Loss/Test"], rel=1e-5)
     reused = train.main(["configs/Commentary_TrainWithCommentary.yaml"],
-                        overrides={"teaching.commentary": str(run_dir / "commentary.pt"), "teaching.steps": 5,
+                        overrides={"teaching.commentary": str(run_dir / "teacher.pt"), "teaching.steps": 5,
                                    "teaching.log_interval": 5},
                         log_root=str(tmp_path), progress=False)
     assert reused["status"] == "finished" and reused["dataset"] == "Digits"
-    assert reused["commentary"]["learned_by"]["algorithm"] == "implicit (Algorithm 2)"
+    assert reused["teaching"]["teacher"]["learned_by"]["algorithm"] == "implicit (Algorithm 2)"
+
+
+def test_teaching_data_and_students_serve_hyperparameter_runs_by_the_same_names(tmp_path):
+    """One dataset and one model registry: a hyperparameter run names the
+    teaching data set and student exactly as a teaching config does."""
+    import train
+
+    config = {"model": {"class": "MLP", "hidden": [16]}, "loss": {"class": "CrossEntropyLoss"},
+              "dataset": {**ROTATED, "train_size": 64, "validation_size": 32, "test_size": 32},
+              "algorithm": "Random", "hyperparameter_steps": 3, "network_weight_steps": 2, "batch_size": 16,
+              "log_interval": 2, "device": "cpu"}
+    results = train.main(config, log_root=tmp_path, progress=False)
+    assert results["status"] == "finished" and results["dataset"] == "RotatedDigits"
+    assert 0 <= results["final"]["Accuracy/Test"] <= 1 and math.isfinite(results["final"]["Loss/Test"])

@@ -1,23 +1,22 @@
 """Generative Teaching Networks: hypergradients against finite differences,
 learning on the embedded digits, the curriculum check, plots and logs."""
 import pathlib
-import types
 
 import pytest
 import torch
-from torch.utils.tensorboard import SummaryWriter
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from commentaries import gtn
-from commentaries.common import mlp
+import commentaries
+from commentaries import gtn, storage
+from commentaries.loop import Context
 from errors import UserError
+from models import MLP
 
 
-def make_context(tmp_path, seed=0):
+def run_gtn(run_dir, seed=0, **options):
     torch.manual_seed(seed)
-    run_dir = pathlib.Path(tmp_path)
-    return types.SimpleNamespace(run_dir=run_dir, writer=SummaryWriter(str(run_dir)),
-                                 device=torch.device("cpu"), seed=seed, progress=False)
+    pathlib.Path(run_dir).mkdir(parents=True, exist_ok=True)
+    return commentaries.run({"class": "GTN", **options}, Context(run_dir=pathlib.Path(run_dir), seed=seed))
 
 
 def tiny_problem(steps=3, truncation=None):
@@ -28,7 +27,7 @@ def tiny_problem(steps=3, truncation=None):
     inputs = torch.randn(steps, batch, noise_size, dtype=torch.float64, requires_grad=True)
     log_lr = torch.tensor(-0.5, dtype=torch.float64, requires_grad=True)
     labels = gtn.balanced_labels(steps, batch, classes)
-    learner = mlp(in_channels=1, image_size=2, num_outputs=classes, hidden=[8]).double()
+    learner = MLP(hidden=[8], input_shape=shape, output_size=classes).double()
     init = gtn.init_learner_params(learner, torch.Generator().manual_seed(1), dtype=torch.float64)
     real_x = torch.rand(6, *shape, dtype=torch.float64)
     real_y = torch.tensor([0, 1, 2, 0, 1, 2])
@@ -82,12 +81,9 @@ SMALL = dict(inner_steps=4, batch_size=20, real_batch_size=128, inner_lr=0.5, ev
 
 
 def test_learned_curriculum_lowers_outer_objective_and_logs(tmp_path):
-    initial = gtn.generative_teaching_network(context=make_context(tmp_path / "init"),
-                                              outer_steps=0, **SMALL)
-    context = make_context(tmp_path / "trained")
-    trained = gtn.generative_teaching_network(context=context, outer_steps=60, **SMALL)
-    context.writer.close()
-    assert trained["status"] == "finished" and trained["teacher_steps_done"] == 60
+    initial = run_gtn(tmp_path / "init", outer_steps=0, **SMALL)
+    trained = run_gtn(tmp_path / "trained", outer_steps=60, **SMALL)
+    assert trained["status"] == "finished" and trained["outer_steps_done"] == 60
     assert initial["objective"] > 2.0  # untrained generator: near-chance learners
     assert trained["objective"] < 0.75 * initial["objective"]
     assert trained["final"]["Accuracy/Test"] > initial["final"]["Accuracy/Test"] + 0.3
@@ -95,8 +91,8 @@ def test_learned_curriculum_lowers_outer_objective_and_logs(tmp_path):
     assert final["Accuracy/Shuffle_Drop"] == pytest.approx(
         final["Accuracy/Test"] - final["Accuracy/Test_Shuffled_Order"])
     assert trained["objective"] == final["Loss/Validation"]
-    saved = gtn.load_teacher(tmp_path / "trained" / "teacher.pt", kind="GTN")
-    assert saved["metadata"]["input"] == "learned" and saved["tensors"]["inputs"].shape == (4, 20, 16)
+    saved = storage.load_teacher(tmp_path / "trained" / "teacher.pt", method="GTN")
+    assert saved["teacher"]["input"] == "learned" and saved["tensors"]["inputs"].shape == (4, 20, 16)
     for png in ("generated_samples.png", "inner_step_accuracy.png"):
         assert (tmp_path / "trained" / png).stat().st_size > 1000
     events = EventAccumulator(str(tmp_path / "trained"), size_guidance={"scalars": 0, "images": 0})
@@ -107,14 +103,25 @@ def test_learned_curriculum_lowers_outer_objective_and_logs(tmp_path):
     assert {"Commentary/generated_samples", "Commentary/inner_step_accuracy"} <= set(events.Tags()["images"])
     assert events.Scalars("Final/Loss/Validation")[-1].value == pytest.approx(trained["objective"], rel=1e-6)
 
+    # The saved teacher trains a fresh student of another architecture through TrainWithCommentary,
+    # on its generated batches alone; the untrained generator's batches teach next to nothing.
+    def student_accuracy(name):
+        reuse = {"class": "TrainWithCommentary", "commentary": str(tmp_path / name / "teacher.pt"),
+                 "student": {"class": "CNN", "width": 8}, "steps": 40, "lr": 0.01, "log_interval": 20}
+        context = Context(run_dir=tmp_path / f"{name}_student")
+        results = commentaries.run(reuse, context)
+        assert results["teaching"]["teacher"]["method"] == "GTN" and results["dataset"] == "Digits"
+        return results["final"]["Accuracy/Test"]
+
+    taught, untaught = student_accuracy("trained"), student_accuracy("init")
+    assert taught > 0.6 and taught > untaught + 0.3, (taught, untaught)
+
 
 def test_fresh_noise_and_real_data_baselines_run(tmp_path):
-    noise = gtn.generative_teaching_network(context=make_context(tmp_path / "n"), input="noise",
-                                            outer_steps=12, **SMALL)
+    noise = run_gtn(tmp_path / "n", input="noise", outer_steps=12, **SMALL)
     assert "Accuracy/Shuffle_Drop" not in noise["final"]  # fresh noise has no order to shuffle
     assert noise["objective"] < 2.29  # chance level is ln 10 = 2.30
-    real = gtn.generative_teaching_network(context=make_context(tmp_path / "r"), input="real",
-                                           outer_steps=12, **SMALL)
+    real = run_gtn(tmp_path / "r", input="real", outer_steps=12, **SMALL)
     assert real["status"] == "finished" and not (tmp_path / "r" / "generated_samples.png").exists()
 
 
@@ -134,11 +141,12 @@ def test_fixed_input_is_not_learned_and_shuffled_batches_are_a_permutation():
     ({"inner_steps": 0}, "teaching.inner_steps"),
     ({"inner_lr": -1.0}, "teaching.inner_lr"),
     ({"truncation": 9, "inner_steps": 3}, "teaching.truncation"),
-    ({"data": {"class": "MNIST"}}, "teaching.data"),
+    ({"data": {"class": "Diabetes"}}, "teaching.data"),  # a regression set: nothing to teach a classifier
+    ({"learner": {"class": "ResNet"}}, "teaching.learner"),
 ])
 def test_bad_options_are_user_errors(tmp_path, options, key):
     with pytest.raises(UserError, match=key):
-        gtn.generative_teaching_network(context=make_context(tmp_path), **options)
+        run_gtn(tmp_path, **options)
 
 
 # ----------------------------------------------------------------------------- end to end
@@ -155,7 +163,7 @@ def test_algorithm_files_run_through_train_main(tmp_path, algorithm):
     results = train.main([ROOT / "configs" / "digits_teaching.yaml", ROOT / "configs" / f"{algorithm}.yaml"],
                          TINY, log_root=tmp_path, progress=False)
     assert results["status"] == "finished" and results["algorithm"] == algorithm
-    assert results["teacher_steps_done"] == 2
+    assert results["outer_steps_done"] == 2
     assert 0 < results["final"]["Accuracy/Test"] <= 1 and results["objective"] == results["final"]["Loss/Validation"]
     run_dir = pathlib.Path(results["run_dir"])
     assert (run_dir / "config.yaml").is_file() and (run_dir / "results.json").is_file()
@@ -185,8 +193,8 @@ def test_truncated_unroll_memory_is_bounded_by_the_window_not_the_unroll_length(
 def test_saved_teacher_reloads_bit_for_bit_and_generates_the_same_images(tmp_path):
     rng = torch.Generator().manual_seed(0)
     teacher = gtn.Teacher("learned", 4, 10, (1, 8, 8), 16, 3, 10, 0.1, True, rng, torch.device("cpu"))
-    path = gtn.save_teacher(tmp_path / "teacher.pt", "GTN", gtn.teacher_tensors(teacher), {"seed": 0})
-    payload = gtn.load_teacher(path, kind="GTN")
+    path = storage.save_teacher(tmp_path / "teacher.pt", method="GTN", tensors=gtn.teacher_tensors(teacher))
+    payload = storage.load_teacher(path, method="GTN")
     for name, tensor in gtn.teacher_tensors(teacher).items():
         assert torch.equal(payload["tensors"][name], tensor.detach())
     generator = gtn.Generator(4, 10, (1, 8, 8), 16)
@@ -195,11 +203,10 @@ def test_saved_teacher_reloads_bit_for_bit_and_generates_the_same_images(tmp_pat
     with torch.no_grad():
         assert torch.equal(gtn.generate(generator, payload["tensors"]["inputs"], payload["tensors"]["labels"]),
                            gtn.generate(teacher.generator, teacher.inputs, teacher.labels))
-    with pytest.raises(UserError):
-        gtn.load_teacher(path, kind="AuxiLearn")
+    with pytest.raises(UserError, match="holds a GTN teacher, not AuxiLearn"):
+        storage.load_teacher(path, method="AuxiLearn")
 
 
 def test_memory_bounded_mode_trains(tmp_path):
-    results = gtn.generative_teaching_network(context=make_context(tmp_path), outer_steps=3, truncation=2,
-                                              **{**SMALL, "log_interval": 3})
+    results = run_gtn(tmp_path, outer_steps=3, truncation=2, **{**SMALL, "log_interval": 3})
     assert results["status"] == "finished" and results["hyperparameters"]["lr"] != SMALL["inner_lr"]

@@ -64,7 +64,11 @@ DIGITS = fake_data((1, 8, 8), 10)
     {"class": "MLP", "layer_sizes": [64, 20, 10], "activation_function": "Sigmoid"},
     {"class": "TwoBlockCNN", "channels": [4, 8]},
     {"class": "FourBlockCNN", "channels": [4, 4, 8, 8]},
-], ids=["MLP", "MLP-BatchNorm-Tanh", "MLP-GELU", "MLP-Sigmoid", "TwoBlockCNN", "FourBlockCNN"])
+    {"class": "MLP", "hidden": [16], "activation_function": "ELU"},  # the teaching configs' form
+    {"class": "CNN", "width": 4, "activation_function": "Tanh"},
+    {"class": "Linear"},
+], ids=["MLP", "MLP-BatchNorm-Tanh", "MLP-GELU", "MLP-Sigmoid", "TwoBlockCNN", "FourBlockCNN", "MLP-hidden-ELU",
+        "CNN", "Linear"])
 def test_image_models_forward_and_double_backward(spec):
     torch.manual_seed(0)
     model = models.build_model(spec, DIGITS).double()
@@ -190,7 +194,7 @@ def test_bad_model_specs_are_one_line_user_errors():
     cases = [({"class": "MLPP", "layer_sizes": [64, 10]}, "did you mean 'MLP'"),
              ({"class": "MLP", "layer_sizes": [64, 10], "activation": "ReLU"}, "unknown option 'activation'"),
              ({"class": "MLP", "layer_sizes": [64, 10], "activation_function": "Swish"}, "Swish"),
-             ({"class": "MLP"}, "missing option 'layer_sizes'"),
+             ({"class": "MLP"}, "give either layer_sizes or hidden"),
              ({"class": "TwoBlockCNN", "channels": [4, 8, 16]}, "channels needs 2 widths"),
              ({"class": "TwoBlockCNN", "in_channels": 3}, None)]  # explicit values are not overridden
     for spec, fragment in cases:

@@ -1,0 +1,256 @@
+"""One loop for every teaching method.
+
+A method is a :class:`TeachingMethod`: it validates its options and loads its
+data when built, builds its networks in :meth:`~TeachingMethod.setup`, takes
+one outer step at a time, evaluates at log intervals, finishes (final
+metrics, plots, evaluation students) and exports its teacher. :func:`run`
+gives every method the same machinery as a hyperparameter run:
+
+* logging through :class:`tracking.Tracker`: step metrics are summed on the
+  device and written as interval means every ``log_interval`` steps, one host
+  sync per interval;
+* divergence: a non-finite interval mean stops the run, recorded
+  ``diverged`` with the config's ``divergence_penalty`` as objective;
+* ``checkpoint_every: N`` writes the method's state, the step, the wall time
+  and the random states every N outer steps (atomically, with ``train.py``'s
+  helpers); the same command with ``--run-dir`` resumes bit for bit (CPU);
+* one results schema, one progress bar, one teacher file format
+  (:mod:`commentaries.storage`).
+"""
+import dataclasses
+import math
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+import checkpoints
+import config
+from errors import UserError
+from tracking import Tracker
+from train import CHECKPOINT, random_states, restore_random_states
+
+from commentaries import storage
+from commentaries.common import load_data
+
+CHECKPOINT_FORMAT = "hypergrad-teaching-checkpoint"
+
+
+@dataclasses.dataclass
+class Context:
+    """What a teaching run gets from ``train.py`` (the run's settings, not the method's)."""
+    run_dir: Path
+    device: torch.device = torch.device("cpu")
+    seed: int = 0
+    progress: bool = False
+    description: str = "teaching"
+    checkpoint_every: int = 0
+    divergence_penalty: float = config.SCHEMA["divergence_penalty"][2]
+    validation_proportion: float = config.SCHEMA["validation_proportion"][2]
+    data_root: str | None = None
+    tracker: Tracker | None = None  # set by :func:`run`
+
+    @property
+    def writer(self):
+        return None if self.tracker is None else self.tracker.writer
+
+
+class TeachingMethod:
+    """The protocol every registered teaching method follows.
+
+    Register a subclass with ``@TEACHERS.register("Name")``; its ``__init__``
+    takes the method's options (the ``teaching`` section without ``class``)
+    plus ``context``, validates them and loads the data (so a bad value is a
+    one-line error before anything runs). Then :func:`run` calls
+    :meth:`setup`, :meth:`begin` (fresh runs only) or :meth:`load_state_dict`
+    (resumed ones), :meth:`outer_step` ``steps`` times with :meth:`evaluate`
+    every ``log_interval`` steps, :meth:`finish` and :meth:`export`.
+    """
+    name = None        # the registered name (set when built), stored in teacher files
+    steps = 0          # outer steps
+    log_interval = 1   # outer steps between logs (and divergence checks)
+    dataset_name = None
+
+    def use_data(self, spec, context):
+        """Load ``teaching.data`` (a :class:`datasets.Data` on the run's device)
+        and remember its spec (teacher files record it)."""
+        self.context, self.data_spec = context, spec
+        self.data = load_data(spec, context)
+        self.dataset_name = self.data.name
+
+    def setup(self):
+        """Build networks and optimisers (in a fixed order: a resumed run rebuilds them the same way)."""
+
+    def begin(self):
+        """Once, at a fresh start: e.g. the objective before learning."""
+
+    def outer_step(self, step):
+        """One outer step; returns ``{tag: device tensor}`` (averaged over the log interval)."""
+        raise NotImplementedError
+
+    def evaluate(self, step):
+        """Extra ``{tag: value}`` at a log step (e.g. validation metrics)."""
+        return {}
+
+    def checkpointed(self):
+        """``{name: object}`` whose state makes up a checkpoint: modules,
+        optimisers, ``torch.Generator`` s, tensors, dicts of tensors or plain values."""
+        return {}
+
+    def state_dict(self):
+        return {name: _state_of(value) for name, value in self.checkpointed().items()}
+
+    def load_state_dict(self, state):
+        for name, value in self.checkpointed().items():
+            _load_state(value, state[name])
+
+    def finish(self, steps_done):
+        """``{"final": {tag: float}, "teaching": {...}, "hyperparameters": {...}}``; must
+        include ``final['Loss/Validation']``, the run's objective."""
+        raise NotImplementedError
+
+    def export(self):
+        """The teacher file's contents (:func:`storage.save_teacher` keywords
+        except ``method``), or ``None`` when there is no teacher to save."""
+        return None
+
+    @classmethod
+    def frozen_teaching(cls, payload, data, device):
+        """A :class:`common.FrozenTeaching` from a saved teacher file, for
+        ``TrainWithCommentary``; ``None`` if this method's teachers cannot teach a student."""
+        return None
+
+
+def _state_of(value):
+    if isinstance(value, torch.Generator):
+        return value.get_state()
+    if torch.is_tensor(value):
+        return value.detach().clone()
+    if isinstance(value, dict):
+        return {key: _state_of(item) for key, item in value.items()}
+    if hasattr(value, "state_dict"):
+        return value.state_dict()
+    return value
+
+
+def _load_state(target, state):
+    """Restore in place, so optimisers keep pointing at the same tensors."""
+    if isinstance(target, torch.Generator):
+        target.set_state(state)
+    elif torch.is_tensor(target):
+        with torch.no_grad():
+            target.copy_(state)
+    elif isinstance(target, dict):
+        for key, item in state.items():
+            if key in target and (torch.is_tensor(target[key]) or hasattr(target[key], "load_state_dict")):
+                _load_state(target[key], item)
+            else:
+                target[key] = item
+    else:
+        target.load_state_dict(state)
+
+
+def save_checkpoint(path, method, step, wall_time, means):
+    state = {"format": CHECKPOINT_FORMAT, "method": method.state_dict(), "step": step,
+             "wall_time_s": wall_time, "random": random_states(), "interval": means.state_dict()}
+    checkpoints.write(path, state)
+
+
+def load_checkpoint(path):
+    """A teaching checkpoint (checksummed, read with ``weights_only=True``); ``None`` if there is none."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    state = checkpoints.read(path, str(path), map_location="cpu")  # checksummed, weights_only
+    if state.get("format") != CHECKPOINT_FORMAT:
+        raise UserError(f"{path}: not a teaching checkpoint")
+    return state
+
+
+class IntervalMeans:
+    """Step metrics summed on the device, averaged when logged (no per-step host sync)."""
+
+    def __init__(self):
+        self.sums, self.counts = {}, {}
+
+    def add(self, metrics):
+        for tag, value in metrics.items():
+            value = value.detach() if torch.is_tensor(value) else torch.tensor(float(value))
+            self.sums[tag] = self.sums[tag] + value if tag in self.sums else value.clone()
+            self.counts[tag] = self.counts.get(tag, 0) + 1
+
+    def pop(self):
+        means = {tag: total / self.counts[tag] for tag, total in self.sums.items()}
+        self.sums, self.counts = {}, {}
+        return means
+
+    def state_dict(self):  # a checkpoint between two logs keeps the interval's sums: logs resume exactly
+        return {"sums": dict(self.sums), "counts": dict(self.counts)}
+
+    def load_state_dict(self, state):
+        self.sums, self.counts = dict(state["sums"]), dict(state["counts"])
+
+
+def run(method, context):
+    """Run ``method`` to the end (or to divergence) and return its results."""
+    checkpoint_path = Path(context.run_dir) / CHECKPOINT
+    resumed = load_checkpoint(checkpoint_path)
+    start = resumed["step"] if resumed else 0
+    wall_time = resumed["wall_time_s"] if resumed else 0.0
+    context.tracker = tracker = Tracker(context.run_dir, purge_step=start if resumed else None)
+    method.setup()
+    means = IntervalMeans()
+    if resumed:
+        try:
+            method.load_state_dict(resumed["method"])
+            means.load_state_dict(resumed["interval"])
+        except (KeyError, RuntimeError, ValueError, TypeError) as error:
+            raise UserError(f"{checkpoint_path}: not a checkpoint of this teaching configuration "
+                            f"({type(error).__name__})") from None
+        restore_random_states(resumed["random"])
+    else:
+        method.begin()
+    status, step = "finished", start
+    bar = tqdm(total=method.steps, initial=start, disable=not context.progress, desc=context.description,
+               unit="step", dynamic_ncols=True, leave=False)
+    started = time.perf_counter()
+    while step < method.steps:
+        metrics = method.outer_step(step)
+        means.add(metrics)
+        step += 1
+        bar.update()
+        if step % method.log_interval == 0 or step == method.steps:
+            interval = means.pop()
+            for tag, value in {**interval, **method.evaluate(step)}.items():
+                tracker.scalar(tag, value, step)
+            latest = tracker.flush()
+            bar.set_postfix({tag.split("/")[-1][:5]: f"{latest[tag]:.4g}" for tag in interval}, refresh=False)
+            if not all(math.isfinite(latest[tag]) for tag in interval):
+                status = "diverged"
+                break
+        if context.checkpoint_every and step % context.checkpoint_every == 0 and step < method.steps:
+            save_checkpoint(checkpoint_path, method, step, wall_time + time.perf_counter() - started, means)
+    results = {"status": status, "dataset": method.dataset_name, "outer_steps_done": step,
+               "resumed_from_step": start, "final": {},
+               "objective": context.divergence_penalty, "teaching": {}, "hyperparameters": {},
+               "teacher_file": None}
+    if status == "finished":
+        bar.set_description(f"{context.description}: finishing")
+        results.update(method.finish(step))
+        final = results["final"]
+        if not all(math.isfinite(value) for tag, value in final.items() if tag.startswith("Loss/")):
+            results["status"] = "diverged"
+        else:
+            results["objective"] = final["Loss/Validation"]
+        for tag, value in final.items():
+            tracker.scalar(f"Final/{tag}", value, step)
+        exported = method.export()
+        if exported is not None:
+            path = Path(context.run_dir) / storage.FILE_NAME
+            results["teacher_file"] = str(storage.save_teacher(path, method=method.name,
+                                                               **exported))
+    bar.close()
+    tracker.close()
+    results["wall_time_s"] = wall_time + time.perf_counter() - started
+    return results
