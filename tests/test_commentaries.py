@@ -72,7 +72,7 @@ def test_coloured_digits_label_is_the_red_digit():
 
 
 def test_bad_data_options_are_user_errors():
-    with pytest.raises(UserError, match="teaching.data: RotatedDigits: overlapping"):
+    with pytest.raises(UserError, match="teaching.data.overlapping: RotatedDigits: overlapping"):
         build_data({"class": "RotatedDigits", "overlapping": "yes"})
     with pytest.raises(UserError, match="unknown option 'sise'"):
         build_data({"class": "Digits", "sise": 3})

@@ -14,6 +14,7 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+import checkpoints
 import train
 from commentaries import TEACHERS, storage
 from commentaries.loop import TeachingMethod
@@ -110,7 +111,7 @@ def test_interrupted_run_resumes_from_its_checkpoint_bit_for_bit(tmp_path, monke
     monkeypatch.setattr(ToyQuadraticTeacher, "outer_step", die_at_13)
     with pytest.raises(KeyboardInterrupt):
         train.main(toy(steps=20, lr=0.05), settings, run_dir=tmp_path / "killed", progress=False)
-    assert torch.load(tmp_path / "killed" / "checkpoint.pt", weights_only=True)["step"] == 12
+    assert checkpoints.read(tmp_path / "killed" / "checkpoint.pt", "checkpoint")["step"] == 12
     monkeypatch.setattr(ToyQuadraticTeacher, "outer_step", original)
     resumed = train.main(toy(steps=20, lr=0.05), settings, run_dir=tmp_path / "killed", progress=False)
     assert resumed["resumed_from_step"] == 12 and whole["resumed_from_step"] == 0
@@ -124,9 +125,12 @@ def test_interrupted_run_resumes_from_its_checkpoint_bit_for_bit(tmp_path, monke
 
 def test_a_broken_checkpoint_is_a_user_error(tmp_path):
     (tmp_path / "checkpoint.pt").write_bytes(b"\x80\x02 truncated")
-    with pytest.raises(UserError, match="checkpoint.pt: not a readable teaching checkpoint"):
+    with pytest.raises(UserError, match="checkpoint.pt: refused by torch.load"):
         train.main(toy(), run_dir=tmp_path, progress=False)
     torch.save({"weights": torch.zeros(2)}, tmp_path / "checkpoint.pt")
+    with pytest.raises(UserError, match="checkpoint.pt: not a hypergrad checkpoint"):
+        train.main(toy(), run_dir=tmp_path, progress=False)
+    checkpoints.write(tmp_path / "checkpoint.pt", {"weights": torch.zeros(2)})
     with pytest.raises(UserError, match="checkpoint.pt: not a teaching checkpoint"):
         train.main(toy(), run_dir=tmp_path, progress=False)
 
@@ -158,7 +162,7 @@ def test_sigkilled_teaching_run_resumes_bit_for_bit(tmp_path, algorithm):
     victim.send_signal(signal.SIGKILL)
     victim.wait()
     assert not (tmp_path / "killed" / "results.json").exists(), "killed too late to test resume"
-    step = torch.load(checkpoint, weights_only=True)["step"]
+    step = checkpoints.read(checkpoint, "checkpoint")["step"]
     train.main(sources, settings, run_dir=tmp_path / "killed", progress=False)  # the same run, resumed
     resumed = json.loads((tmp_path / "killed" / "results.json").read_text())
     assert resumed["resumed_from_step"] == step > 0
@@ -189,8 +193,9 @@ def test_train_with_commentary_refuses_teachers_it_cannot_use_in_one_line(tmp_pa
 def test_a_checkpoint_of_another_configuration_is_a_user_error(tmp_path):
     from commentaries.loop import CHECKPOINT_FORMAT
 
-    torch.save({"format": CHECKPOINT_FORMAT, "method": {"other": torch.zeros(())}, "step": 3,
-                "wall_time_s": 0.0, "random": train.random_states(), "interval": {"sums": {}, "counts": {}}},
-               tmp_path / "checkpoint.pt")
+    checkpoints.write(tmp_path / "checkpoint.pt",
+                      {"format": CHECKPOINT_FORMAT, "method": {"other": torch.zeros(())}, "step": 3,
+                       "wall_time_s": 0.0, "random": train.random_states(),
+                       "interval": {"sums": {}, "counts": {}}})
     with pytest.raises(UserError, match="not a checkpoint of this teaching configuration"):
         train.main(toy(), run_dir=tmp_path, progress=False)
