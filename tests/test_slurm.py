@@ -196,3 +196,36 @@ def test_rerun_waits_for_runs_still_on_slurm_instead_of_resubmitting(slurm_clust
     output = subprocess.run(["sacct", "-n", "-X", "-D", "-P", "-o", "JobID", "-j", ",".join(job_ids)],
                             capture_output=True, text=True, check=True).stdout
     assert sorted(output.split()) == sorted(job_ids)  # each run ran once, as one job
+
+
+def test_populations_run_as_one_array_task_each(slurm_cluster, tmp_path):
+    import train
+    if not hasattr(train, "main_population"):
+        pytest.skip("train.py has no population engine yet (train.main_population, issue #11 part 1)")
+    arguments = ["-c", ENERGY, "--algorithms", "Random", "Ours_LR", "--repetitions", "3",
+                 "--population-size", "2", "--executor", "slurm", "--slurm", LOCAL_SLURM,
+                 "-l", str(tmp_path), "-g", "populations", "--set", "hyperparameter_steps=20",
+                 "--no-progress"]
+    assert parallel_exec.main(arguments) == 0
+    summary = json.loads((tmp_path / "populations" / "summary.json").read_text())
+    assert summary["counts"] == {"finished": 6} and summary["launched"] == 6
+    assert [(p["algorithm"], p["repetitions"]) for p in summary["populations"]] == [
+        ("Random", [0, 1]), ("Random", [2]), ("Ours_LR", [0, 1]), ("Ours_LR", [2])]
+    job_of = {}
+    for line in summary["runs"]:
+        run_dir = Path(line["run_dir"])
+        assert run_dir == (tmp_path / "populations" / "uci_energy" / line["algorithm"]
+                           / f"rep_{line['repetition']}").resolve()
+        results = json.loads((run_dir / "results.json").read_text())
+        assert results["status"] == "finished" and results["hyperparameter_steps_done"] == 20
+        job_of[(line["algorithm"], line["repetition"])] = (run_dir / executors.SLURM_JOB_FILE).read_text().strip()
+    # One array task per population: its members share the task, the populations do not.
+    for algorithm in ("Random", "Ours_LR"):
+        assert job_of[(algorithm, 0)] == job_of[(algorithm, 1)] != job_of[(algorithm, 2)]
+    job_ids = sorted(set(job_of.values()))
+    assert len(job_ids) == 4 and all(re.fullmatch(r"\d+_\d+", job_id) for job_id in job_ids)
+    wait_for(lambda: set(sacct_states(job_ids).values()) == {"COMPLETED"}, 60,
+             "SLURM accounting to show every population's array task COMPLETED")
+    assert parallel_exec.main(arguments) == 0  # everything done: nothing submitted
+    summary = json.loads((tmp_path / "populations" / "summary.json").read_text())
+    assert summary["launched"] == 0 and summary["skipped"] == 6
