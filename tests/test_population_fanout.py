@@ -107,24 +107,22 @@ def test_a_refused_configuration_runs_one_process_per_run_and_says_so(tmp_path, 
 
 def test_populations_give_the_per_run_fanouts_runs_member_by_member(tmp_path, population_engine):
     float64 = [*SHORT, "dtype=float64"]
-    status, alone = fanout(tmp_path, "alone", steps=float64, repetitions=5)
+    status, alone = fanout(tmp_path, "alone", steps=float64, repetitions=3)
     assert status == 0
-    status, packed = fanout(tmp_path, "packed", "--population-size", "2", steps=float64, repetitions=5)
-    assert status == 0 and packed["counts"] == {"finished": 10} and packed["launched"] == 10
-    # Packing: per algorithm, at most 2 members, as even as possible, every repetition once.
+    status, packed = fanout(tmp_path, "packed", "--population-size", "2", steps=float64, repetitions=3)
+    assert status == 0 and packed["counts"] == {"finished": 6} and packed["launched"] == 6
+    # Packing: per algorithm, at most 2 members, every repetition once.
     assert [(p["algorithm"], p["repetitions"]) for p in packed["populations"]] == [
-        ("Random", [0, 1]), ("Random", [2, 3]), ("Random", [4]),
-        ("Ours_LR_Momentum", [0, 1]), ("Ours_LR_Momentum", [2, 3]), ("Ours_LR_Momentum", [4])]
+        ("Random", [0, 1]), ("Random", [2]), ("Ours_LR_Momentum", [0, 1]), ("Ours_LR_Momentum", [2])]
     assert packed["not_vectorised"] == {}
     # The per-run layout, and the per-run fan-out's generator draws.
-    draws = generators.generate("natural_sgd", 5, seed=0)
+    draws = generators.generate("natural_sgd", 3, seed=0)
     for line in packed["runs"]:
         expected = tmp_path / "packed" / "digits" / line["algorithm"] / f"rep_{line['repetition']}"
         assert line["run_dir"] == str(expected.resolve())
         for name in ("config.yaml", "results.json"):
             assert (expected / name).is_file()
-        assert any((expected / "tensorboard").rglob("events.out.tfevents.*")) or any(
-            expected.rglob("events.out.tfevents.*"))
+        assert any(expected.rglob("events.out.tfevents.*"))
     alone_results, packed_results = results_of(alone), results_of(packed)
     for key, single in alone_results.items():
         member = packed_results[key]
@@ -143,7 +141,7 @@ def test_populations_give_the_per_run_fanouts_runs_member_by_member(tmp_path, po
     reference = {row["algorithm"]: row for row in report.report(tmp_path / "alone")}
     assert set(rows) == {"Random", "Ours_LR_Momentum"}
     for algorithm, row in rows.items():
-        assert row["runs"] == 5 and row["median"] == pytest.approx(reference[algorithm]["median"], rel=1e-8)
+        assert row["runs"] == 3 and row["median"] == pytest.approx(reference[algorithm]["median"], rel=1e-8)
 
 
 def test_rerun_skips_finished_members_and_repacks_the_rest(tmp_path, population_engine):
