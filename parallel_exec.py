@@ -223,7 +223,7 @@ def member_spec(job):
 def launch(executor, jobs):
     """Submit the pending jobs, one batch (one SLURM array) per algorithm, and
     one more for its populations. Returns the handles and, for each, the list
-    of single-run jobs it answers for."""
+    of single-run jobs it answers for and whether it is a population."""
     handles, owners = [], []
     for algorithm in dict.fromkeys(job["algorithm"] for job in jobs):
         populations = [job for job in jobs if job["algorithm"] == algorithm and "members" in job]
@@ -232,14 +232,14 @@ def launch(executor, jobs):
             payloads = [{**job, "members": [member_spec(member) for member in job["members"]]}
                         for job in populations]
             handles.extend(executor.map(executors.PopulationRun(), payloads, label=algorithm))
-            owners.extend(job["members"] for job in populations)
+            owners.extend((job["members"], True) for job in populations)
         if batch:
             handles.extend(executor.map(executors.TrainingRun(), batch, label=algorithm))
-            owners.extend([job] for job in batch)
+            owners.extend(([job], False) for job in batch)
     return handles, owners
 
 
-def member_results(members, result):
+def member_results(members, result, population):
     """One result per member job from what a handle returned: a population's
     list (matched by run directory), a single run's dict, or one failure for
     a whole population whose process or SLURM task died (then recorded in
@@ -253,24 +253,26 @@ def member_results(members, result):
         result = {"status": executors.FAILED,
                   "error": f"population returned {len(result)} results for {len(members)} runs"}
     result = dict(result or {})
-    if len(members) > 1 and result.get("status", executors.FAILED) == executors.FAILED:
+    if not population:
+        return [result]
+    if result.get("status", executors.FAILED) == executors.FAILED:
         for job in members:
             executors.record_failure(job["run_dir"], f"population failed: {result.get('error')}\n")
-    return [{**result, "run_dir": job["run_dir"]} for job in members] if len(members) > 1 else [result]
+    return [{**result, "run_dir": job["run_dir"]} for job in members]
 
 
 def collect(executor, handles, owners, records, bar):
     """Wait for every handle, recording results (one per run) as they arrive."""
     for index, result in executor.as_completed(handles):
-        members = owners[index]
-        for job, outcome in zip(members, member_results(members, result)):
+        members, population = owners[index]
+        for job, outcome in zip(members, member_results(members, result, population)):
             outcome = dict(outcome or {})
             if outcome.get("run_dir") is None:
                 outcome["run_dir"] = job["run_dir"]
             records.append(record(job, outcome))
         bar.update(len(members))
         job = members[0]
-        where = f"rep_{job['repetition']}" if len(members) == 1 else f"population of {len(members)}"
+        where = f"population of {len(members)}" if population else f"rep_{job['repetition']}"
         bar.set_postfix_str(f"{job['algorithm']} {where}: {outcome.get('status')}")
 
 
@@ -332,13 +334,13 @@ def run(options):
         workers = options["workers"]
         if options.get("population_size") and options["executor"] == "local":
             # Fewer populations than workers: give each population more threads.
-            workers = max(1, min(int(workers or os.cpu_count() or 1), len(units)))
+            workers = min(int(workers or os.cpu_count() or 1), max(1, len(units)))
         executor = executors.make_executor(options["executor"], group_dir / "slurm_logs",
                                            options["slurm"], workers)
         handles, owners = launch(executor, units)
         for job_id, members in attached.items():
             handles.append(executor.attach(job_id))
-            owners.append(members)
+            owners.append((members, len(members) > 1))  # members sharing a job: a population
         try:
             collect(executor, handles, owners, records, bar)
         except KeyboardInterrupt:
