@@ -385,16 +385,20 @@ def population_refusal(config, overrides=None):
 def model_refusal(model, cfg):
     buffers = [name for name, _ in model.named_buffers()]
     if buffers:
-        return (f"{cfg.where('model')}: a population cannot vectorise a model with buffers "
+        key = "model.batch_norm" if cfg["model"].get("batch_norm") else "model"
+        return (f"{cfg.where(key)}: a population cannot vectorise a model with buffers "
                 f"({', '.join(buffers[:3])}{', ...' if len(buffers) > 3 else ''}: batch-norm "
                 f"statistics are updated in place); run it one run at a time")
     for name, module in model.named_modules():
         if isinstance(module, torch.nn.RNNBase):
-            return (f"{cfg.where('model')}: {name or 'the model'} is an nn.{type(module).__name__}, "
+            key = "model.fused" if "fused" in cfg["model"] else "model"
+            return (f"{cfg.where(key)}: {name or 'the model'} is an nn.{type(module).__name__}, "
                     f"whose fused kernel does not vectorise (model.fused: false uses tensor "
                     f"operations)")
+    for name, module in model.named_modules():
         if isinstance(module, torch.nn.modules.dropout._DropoutNd) and module.p > 0:
-            return (f"{cfg.where('model')}: dropout ({name}, p={module.p}) draws its masks from "
+            key = "model.dropout" if "dropout" in cfg["model"] else "model"
+            return (f"{cfg.where(key)}: dropout ({name}, p={module.p}) draws its masks from "
                     f"the global random stream, which a population cannot share out as the "
                     f"runs alone would; set its dropout to 0 or run one at a time")
     return None
@@ -711,12 +715,22 @@ def parse_arguments(argv):
     parser.add_argument("--run-dir", help="use exactly this run directory (resumes from its "
                                           "checkpoint if there is one)")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--population", type=int, metavar="N",
+                        help="train N members at once as one vectorised population, each with "
+                             "its own hyperparameter initialisation and seed from --generator "
+                             "(seeded by --seed) and its own run directory")
+    parser.add_argument("--generator", help="with --population: the initialisations' generator "
+                                            "(default natural_sgd; as parallel_exec.py)")
     return parser.parse_args(argv)
 
 
 @exit_on_user_error
 def cli(argv=None):
     arguments = parse_arguments(argv)
+    if arguments.population is not None:
+        return population_cli(arguments)
+    if arguments.generator is not None:
+        raise UserError("--generator: only with --population N")
     results = main(arguments.config, arguments.set, name=arguments.name, group=arguments.group,
                    log_root=arguments.log_root, device=arguments.device, seed=arguments.seed,
                    save=arguments.save, load=arguments.load, run_dir=arguments.run_dir,
@@ -725,6 +739,35 @@ def cli(argv=None):
     print(f"{results['status']}: {summary}")
     print(f"run directory: {results['run_dir']}")
     return 0 if results["status"] in ("finished", "diverged") else 1
+
+
+def population_cli(arguments):
+    """``--population N``: N members from the generator, trained as one population."""
+    import generators
+    if arguments.population < 1:
+        raise UserError(f"--population: must be an integer >= 1, got {arguments.population}")
+    for flag, value in (("--run-dir", arguments.run_dir), ("-S/--save", arguments.save),
+                        ("-s/--load", arguments.load)):
+        if value is not None:
+            raise UserError(f"{flag}: not with --population (each member writes, checkpoints "
+                            f"and resumes in its own run directory)")
+    overrides = generators.generate(arguments.generator or "natural_sgd", arguments.population,
+                                    arguments.seed or 0)
+    extra = dict(configuration.normalise_overrides(arguments.set))
+    base = arguments.name or configuration.load(arguments.config, list(extra.items()))["algorithm"]
+    members = [{"overrides": {**override, **extra}, "run_dir": None, "name": f"{base}-{index}"}
+               for index, override in enumerate(overrides)]
+    results = main_population(arguments.config, members, log_root=arguments.log_root,
+                              group=arguments.group, device=arguments.device,
+                              progress=not arguments.quiet)
+    for result in results:
+        loss = result["final"].get("Loss/Test", math.nan)
+        print(f"{result['status']}: test loss {loss:.5g}, run directory: {result['run_dir']}")
+    counts = {status: sum(r["status"] == status for r in results)
+              for status in ("finished", "diverged")}
+    print(f"population of {len(results)}: {counts['finished']} finished, "
+          f"{counts['diverged']} diverged")
+    return 0
 
 
 if __name__ == "__main__":
