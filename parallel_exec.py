@@ -207,7 +207,12 @@ def pack(pending, size):
         if alone:
             reason = next(refusals[frozenset(job["overrides"])] for job in alone)
             fallbacks[algorithm] = {"runs": len(alone), "reason": reason}
-        for index, members in enumerate(split_evenly(vectorised, size) if vectorised else []):
+        # Runs given different override keys (``from_directory`` files) never share a population.
+        alike = {}
+        for job in vectorised:
+            alike.setdefault(frozenset(job["overrides"]), []).append(job)
+        populations = [members for same in alike.values() for members in split_evenly(same, size)]
+        for index, members in enumerate(populations):
             jobs.append({"algorithm": algorithm, "population": index, "config": members[0]["config"],
                          "group": members[0]["group"], "name": f"{algorithm}-population_{index}",
                          "members": members})

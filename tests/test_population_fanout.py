@@ -162,7 +162,8 @@ def test_rerun_skips_finished_members_and_repacks_the_rest(tmp_path, population_
 
 
 def test_a_killed_populated_fanout_resumes_its_members_from_their_checkpoints(tmp_path, population_engine):
-    steps = ["hyperparameter_steps=150", "checkpoint_every=5", "log_interval=50", "device=cpu", "dtype=float64"]
+    steps = ["hyperparameter_steps=40", "checkpoint_every=2", "batch_size=32", "log_interval=50",
+             "device=cpu", "dtype=float64"]
     command = [sys.executable, str(REPOSITORY / "parallel_exec.py"), "-c", DIGITS, "--algorithms",
                "Ours_LR_Momentum", "--repetitions", "3", "--workers", "1", "--population-size", "3",
                "-l", str(tmp_path), "-g", "killed", "--no-progress", "--set", *steps]
@@ -187,7 +188,7 @@ def test_a_killed_populated_fanout_resumes_its_members_from_their_checkpoints(tm
     assert status == 0
     for key, expected in results_of(reference).items():
         got = results_of(resumed)[key]
-        assert got["hyperparameter_steps_done"] == 150
+        assert got["hyperparameter_steps_done"] == 40
         for metric, value in expected["final"].items():
             assert got["final"][metric] == pytest.approx(value, rel=1e-10, abs=1e-14), (key, metric)
 
