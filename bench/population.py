@@ -2,7 +2,7 @@
 
     python bench/population.py [--sizes 1 8 64 256 1024] [--max-size 64]
         [--hyperparameter-steps 20] [--algorithms Random Ours_LR_Momentum DiffThroughOpt]
-        [--workloads uci fashion] [--threads 1] [--processes 2]
+        [--baseline-hyperparameter-steps 400] [--workloads uci fashion] [--threads 1] [--processes 2]
         [--campaign [--campaign-repetitions 200] [--campaign-population-size 100]
                     [--campaign-sample 4] [--workers 2]]
 
@@ -45,6 +45,9 @@ sys.path.insert(0, str(ROOT))
 import generators  # noqa: E402
 import train  # noqa: E402
 
+# The shared data root, as the tests use it, unless the user chose one (child processes inherit it).
+os.environ.setdefault("HYPERGRAD_DATA", str(ROOT.parent / "shared" / "data"))
+
 ALGORITHMS = ["Random", "Ours_LR_Momentum", "DiffThroughOpt"]
 CAMPAIGN = ["Random", "Baydin", "Lorraine", "Ours_LR", "Ours_LR_Momentum", "Ours_HDLR_Momentum",
             "DiffThroughOpt"]
@@ -62,7 +65,7 @@ def write_idx(path, array):
 def fashion_data_root(scratch):
     """``(data_root, description)``: the real Fashion-MNIST files if present,
     else synthetic ones of the same shape under ``scratch``."""
-    real = Path(os.environ.get("HYPERGRAD_DATA", ROOT.parent / "shared" / "data"))
+    real = Path(os.environ["HYPERGRAD_DATA"])
     if all((real / "FashionMNIST" / "raw" / name).is_file() for name in FASHION_FILES):
         return str(real), "real Fashion-MNIST"
     raw = Path(scratch) / "FashionMNIST" / "raw"
@@ -148,19 +151,20 @@ def population_unavailable(config, overrides):
 
 def bench_workload(label, files, common, description, arguments, scratch):
     print(f"\n## {label}: {description}")
-    steps = arguments.hyperparameter_steps
+    steps, baseline_steps = arguments.hyperparameter_steps, arguments.baseline_hyperparameter_steps
     sizes = [n for n in arguments.sizes if n <= arguments.max_size]
     overrides = member_overrides(max(sizes + [arguments.processes]), {
         "hyperparameter_steps": steps, "device": "cpu", "log_interval": 100, **common})
+    baseline = [{**member, "hyperparameter_steps": baseline_steps or steps} for member in overrides]
     rates = {}
     for algorithm in arguments.algorithms:
         config = stack(files, algorithm)
         row = {}
-        timings = [separate_processes(config, overrides[k], scratch, arguments.threads)
+        timings = [separate_processes(config, baseline[k], scratch, arguments.threads)
                    for k in range(arguments.processes)]
         row["separate processes"] = sum(s for _, s in timings) / sum(t for t, _ in timings)
         in_process(config, overrides[0], scratch)  # warm-up: imports, first-call costs
-        timings = [in_process(config, overrides[k], scratch) for k in range(arguments.processes)]
+        timings = [in_process(config, baseline[k], scratch) for k in range(arguments.processes)]
         row["in-process runs"] = sum(s for _, _, s in timings) / sum(t for t, _, _ in timings)
         row["in-process loop"] = sum(s for _, _, s in timings) / sum(l for _, l, _ in timings)
         reason = population_unavailable(config, overrides[0])
@@ -177,8 +181,10 @@ def bench_workload(label, files, common, description, arguments, scratch):
         rates[algorithm] = row
         print(f"  {algorithm:20s} " + "  ".join(f"{key} {value:,.0f}" for key, value in row.items()),
               flush=True)
-    print(f"  (member weight steps per second; {steps} hyperparameter steps per run; "
-          f"{arguments.threads} thread(s) per process)")
+    print(f"  (member weight steps per second of the whole call or process; 'loop': the training "
+          f"loop alone. Populations: {steps} hyperparameter steps per member; separate processes and "
+          f"in-process runs: {baseline_steps or steps}; {arguments.threads} thread(s) per process; "
+          f"ratios below from whole calls)")
     for algorithm, row in rates.items():
         for n in sizes:
             if f"N={n}" in row:
@@ -230,6 +236,9 @@ def main():
     parser.add_argument("--max-size", type=int, default=1024, help="skip population sizes above this")
     parser.add_argument("--hyperparameter-steps", type=int, default=20,
                         help="per run (UCI energy and Fashion-MNIST configs: 10 weight steps each)")
+    parser.add_argument("--baseline-hyperparameter-steps", type=int,
+                        help="per separate process and in-process run (default: as populations); "
+                             "400 is a whole UCI-energy run")
     parser.add_argument("--algorithms", nargs="+", default=ALGORITHMS)
     parser.add_argument("--workloads", nargs="+", default=["uci", "fashion"], choices=["uci", "fashion"])
     parser.add_argument("--threads", type=int, default=1, help="torch threads (every path alike)")
