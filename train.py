@@ -671,6 +671,18 @@ def synchronise_device(device):
         torch.cuda.synchronize(device)
 
 
+def allow_open_files(count):
+    """Raise the soft limit on open files towards ``count`` (within the hard limit)."""
+    try:
+        import resource
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        wanted = count if hard == resource.RLIM_INFINITY else min(count, hard)
+        if soft != resource.RLIM_INFINITY and soft < wanted:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+    except (ImportError, ValueError, OSError):
+        pass
+
+
 def main_population(config, members, *, log_root="runs", group=None, device=None, progress=True):
     """Train ``members`` as one vectorised population; returns each member's
     results (as :func:`main` returns, with ``run_dir``), in order.
@@ -687,6 +699,7 @@ def main_population(config, members, *, log_root="runs", group=None, device=None
     """
     if not members:
         return []
+    allow_open_files(4 * len(members) + 256)  # each member's TensorBoard writer holds files
     cfg, program, built, torch_device = build_members(config, members, log_root, group, device)
     results = [None] * len(built)
     for step_count in sorted({member.hyperparameter_step for member in built}):
