@@ -229,3 +229,39 @@ def test_populations_run_as_one_array_task_each(slurm_cluster, tmp_path):
     assert parallel_exec.main(arguments) == 0  # everything done: nothing submitted
     summary = json.loads((tmp_path / "populations" / "summary.json").read_text())
     assert summary["launched"] == 0 and summary["skipped"] == 6
+
+
+def test_preempted_population_requeues_and_resumes_to_the_same_results(slurm_cluster, tmp_path):
+    import train
+    if not hasattr(train, "main_population"):
+        pytest.skip("train.py has no population engine yet (train.main_population, issue #11 part 1)")
+    stack = [ENERGY, str(REPOSITORY / "configs" / "Ours_LR_Momentum.yaml")]
+    common = {"hyperparameter_steps": 400, "checkpoint_every": 20}
+    overrides = [{**common, "seed": seed, "network_weight.lr": lr}
+                 for seed, lr in ((3, -2.5), (4, -3.0), (5, -2.0))]
+    members = [{"overrides": o, "run_dir": str(tmp_path / f"member_{k}"), "name": None}
+               for k, o in enumerate(overrides)]
+    executor = executors.make_executor("slurm", tmp_path / "logs", slurm_config=LOCAL_SLURM)
+    [handle] = executor.map(executors.PopulationRun(), [{"config": stack, "members": members}],
+                            label="Ours_LR_Momentum")
+    assert all((tmp_path / f"member_{k}" / executors.SLURM_JOB_FILE).read_text().strip() == handle.job_id
+               for k in range(3))
+    wait_for(lambda: all((tmp_path / f"member_{k}" / "checkpoint.pt").exists() for k in range(3)), 180,
+             "the population's first checkpoints")
+    handle._interrupt()  # preemption: SIGTERM, then USR2 -> checkpoint() -> requeue
+    results = handle.result()
+    # The uninterrupted population, in this process (population against runs alone is
+    # test_population_fanout's and the engine's tests' business).
+    reference = train.main_population(stack, [{**m, "run_dir": str(tmp_path / f"reference_{k}")}
+                                               for k, m in enumerate(members)], progress=False)
+    assert [r["run_dir"] for r in results] == [m["run_dir"] for m in members]
+    for got, expected in zip(results, reference):
+        assert got["status"] == "finished" and got["hyperparameter_steps_done"] == 400
+        for key in ("Loss/Training", "Loss/Validation", "Loss/Test"):
+            assert got["final"][key] == pytest.approx(expected["final"][key], rel=1e-6, abs=1e-9)
+    logs = "".join(path.read_text() for path in (tmp_path / "logs").rglob("*_log.*"))
+    assert "this job is preempted" in logs and "Calling checkpoint method" in logs
+    output = subprocess.run(["sacct", "-n", "-X", "-D", "-P", "-o", "JobID,State", "-j", handle.job_id],
+                            capture_output=True, text=True, check=True).stdout
+    states = [line.split("|")[1] for line in output.split()]
+    assert states[0] == "REQUEUED" and states[-1] == "COMPLETED", output
