@@ -49,6 +49,7 @@ import train  # noqa: E402
 os.environ.setdefault("HYPERGRAD_DATA", str(ROOT.parent / "shared" / "data"))
 
 ALGORITHMS = ["Random", "Ours_LR_Momentum", "DiffThroughOpt"]
+FULL_CAMPAIGN = 200  # initialisations per algorithm in the campaign
 CAMPAIGN = ["Random", "Baydin", "Lorraine", "Ours_LR", "Ours_LR_Momentum", "Ours_HDLR_Momentum",
             "DiffThroughOpt"]
 FASHION_FILES = {"train-images-idx3-ubyte": (60000, 28, 28), "train-labels-idx1-ubyte": (60000,),
@@ -228,6 +229,11 @@ def bench_campaign(arguments, scratch):
     for line in lines:
         if "not vectorised" in line:
             print(f"  {line}")
+    if reps != FULL_CAMPAIGN:
+        print(f"  scaled linearly to the {FULL_CAMPAIGN}-init campaign ({FULL_CAMPAIGN * len(CAMPAIGN)} runs), "
+              f"ESTIMATES: without populations {estimate * FULL_CAMPAIGN / reps / 60:.0f} min, with "
+              f"{seconds * FULL_CAMPAIGN / reps / 60:.0f} min (populations of {size} at most; larger "
+              f"populations would do better per member than this linear scaling)")
 
 
 def main():
@@ -240,7 +246,8 @@ def main():
                         help="per separate process and in-process run (default: as populations); "
                              "400 is a whole UCI-energy run")
     parser.add_argument("--algorithms", nargs="+", default=ALGORITHMS)
-    parser.add_argument("--workloads", nargs="+", default=["uci", "fashion"], choices=["uci", "fashion"])
+    parser.add_argument("--workloads", nargs="*", default=["uci", "fashion"], choices=["uci", "fashion"],
+                        help="none given: only --campaign")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (every path alike)")
     parser.add_argument("--processes", type=int, default=2,
                         help="separate processes and in-process runs timed per algorithm")
