@@ -2,6 +2,7 @@
 
     python bench/speed.py [--device cpu|cuda] [--threads 1] [--repeats 30]
                           [--hyperparameter-steps 10] [--whole-runs 3] [--compile]
+    python bench/speed.py --population 64    # vectorised pure step against one run
 
 Workloads: UCI energy (MLP 8-50-1, full batch of 614; real data from
 $HYPERGRAD_DATA) and a Fashion-MNIST-shaped one (MLP 784-50-10, batch 50,
@@ -119,6 +120,44 @@ def step_parts(trainer):
     return fast, parts, ((steps - 1) * fast + parts["hyperparameter update"]) / (steps * fast)
 
 
+def population_speed(size, device, repeats=5, hyperparameter_steps=3):
+    """UCI energy: member weight steps per second of one vmapped pure step
+    over ``size`` members (``natural_sgd`` draws) against the single-run
+    pure step, interleaved, best block; no logging, no samplers (full batch)."""
+    import generators
+    from step import stack, vectorised
+    lines = []
+    for algorithm in ("Random", "Ours_LR_Momentum"):
+        members = [{"overrides": {**override, "device": str(device)}, "run_dir": None,
+                    "name": None} for override in generators.generate("natural_sgd", size, 0)]
+        with tempfile.TemporaryDirectory() as log_root:
+            cfg, program, built, _ = train.build_members(
+                [ROOT / "configs" / "uci_energy.yaml", ROOT / "configs" / f"{algorithm}.yaml"],
+                members, log_root, None, None)
+            for member in built:
+                member.tracker.close()
+        population, single = program.wrapped(vectorised), program
+        states = {"population": stack([m.state for m in built]), "single": built[0].state}
+        steps = cfg["network_weight_steps"]
+        batches = {"training": [None] * steps, "validation": None}
+        runners = {"population": population, "single": single}
+
+        def block(name):
+            state = states[name]
+            for _ in range(hyperparameter_steps):
+                state, _ = runners[name].step(state, batches)
+            state["weights"][0].sum().item()
+
+        best = interleaved_microseconds({name: lambda n=name: block(n) for name in runners},
+                                        count=1, repeats=repeats)
+        per_step = {name: value / (hyperparameter_steps * steps) for name, value in best.items()}
+        together = size / per_step["population"] * 1e6
+        alone = 1 / per_step["single"] * 1e6
+        lines.append(f"  {algorithm:18s} N={size}: {together:8.0f} member weight steps/s "
+                     f"vectorised, {alone:6.0f} for one run alone ({together / alone:.1f}x)")
+    return lines
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cpu")
@@ -131,9 +170,15 @@ def main():
                         help="compile: true for Random and Ours_LR_Momentum")
     parser.add_argument("--whole-runs", type=int, default=3,
                         help="whole 4,000-step runs per algorithm (best taken)")
+    parser.add_argument("--population", type=int, metavar="N",
+                        help="only: UCI-energy populations of N members against one run")
     arguments = parser.parse_args()
     torch.set_num_threads(arguments.threads)
     device = torch.device(arguments.device)
+    if arguments.population:
+        print(f"device {device}, {torch.get_num_threads()} thread(s), torch {torch.__version__}")
+        print("\n".join(population_speed(arguments.population, device)))
+        return
     workloads = {"UCI energy (8-50-1, batch 614)": ("uci_energy.yaml", None),
                  "Fashion-MNIST-shaped (784-50-10, batch 50)":
                      ("fashion_mnist.yaml", fashion_mnist_shaped(device))}
