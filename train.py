@@ -538,7 +538,7 @@ def run_population(cfg, program, members, device, progress):
         before = weight_count
         new_state, metrics = population.step(state, population_batches(members, program,
                                                                           network_weight_steps))
-        state = freeze(alive, new_state, state)
+        state = new_state if len(live) == count else freeze(alive, new_state, state)
         step_count += 1
         weight_count += network_weight_steps
         for name, value in metrics["hypergradients"].items():
