@@ -37,7 +37,6 @@ in-place updates and no host syncs, so the same code runs eagerly, under
 """
 from typing import Callable, NamedTuple
 
-import torch
 from torch.func import grad, grad_and_value, vjp
 
 import linear_solvers

@@ -5,10 +5,10 @@ A run's state is one mapping of tensors (a pytree)::
     {"weights": (w, ...),                 # the model's parameters, in named_parameters order
      "optimiser": {...},                  # the weight optimiser's state (optimisers.py)
      "hyperparameters": {name: raw},      # raw values, a tuple per weight for per-weight ones
-     "outer": {...},                      # the outer optimiser's state ({} when nothing is optimised)
+     "outer": {...},                      # the outer optimiser's state ({}: nothing optimised)
      "buffers": {name: tensor},           # model buffers (batch-norm running statistics)
      "last_training_loss": 0-d tensor,
-     "initial_weights": ..., "initial_optimiser": ...}   # with reset_model_after_hyperparameter_update
+     "initial_weights": ..., "initial_optimiser": ...}  # reset_model_after_hyperparameter_update
 
 and one hyperparameter step is :meth:`Program.step`::
 

@@ -3,12 +3,16 @@
     python train.py -c configs/uci_energy.yaml configs/Ours_LR_Momentum.yaml \\
         [--set network_weight.lr=-2 ...] [-n NAME] [-g GROUP] [-l LOG_ROOT] \\
         [-d cpu|cuda] [--seed N] [-S SAVE.pt] [-s LOAD.pt]
+    python train.py -c DATA.yaml ALGORITHM.yaml --population N [--generator NAME] [--seed S]
 
 Config files stack (later ones win, mappings merge key by key); ``--set``
 overrides come last. The run directory ``LOG_ROOT/GROUP/<timestamp>-<NAME>``
 receives the resolved ``config.yaml``, TensorBoard logs, checkpoints and
 ``results.json``. ``main()`` is the same thing as a function, for the fan-out
-and Bayesian-optimisation scripts.
+and Bayesian-optimisation scripts. ``--population N`` (``main_population()``)
+trains N runs of one configuration at once, as one ``torch.func.vmap`` over
+the pure step, each member with its own initialisation, seed and run
+directory.
 """
 import argparse
 import functools
@@ -469,7 +473,8 @@ def build_members(config, members, log_root, group, device):
             run_dir = make_run_dir(log_root, group, entry.get("name") or cfg["algorithm"])
         run_dir = Path(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write(run_dir / "config.yaml", lambda p, c=cfg: p.write_text(configuration.to_yaml(c)))
+        text = configuration.to_yaml(cfg)
+        atomic_write(run_dir / "config.yaml", lambda p, t=text: p.write_text(t))
         member = Member(cfg, program, state, samplers, run_dir, index)
         resumed = (run_dir / CHECKPOINT).is_file()
         if resumed:

@@ -137,7 +137,9 @@ def test_closed_form_transform_derivatives_equal_autograd(transform, per_weight)
     _, pullback = torch.func.vjp(lambda r: hp.natural(r, transforms), raw)
     (expected,) = pullback(cotangents)
     ours = hp.natural_vjp(cotangents, natural, transforms)
-    flat = lambda grads: [t for v in grads.values() for t in (v if isinstance(v, tuple) else (v,))]  # noqa: E731
+    def flat(grads):
+        return [t for v in grads.values() for t in (v if isinstance(v, tuple) else (v,))]
+
     assert len(flat(ours)) == (4 if per_weight else 3)
     for a, b in zip(flat(ours), flat(expected)):
         torch.testing.assert_close(a, b, rtol=1e-14, atol=0.0)

@@ -41,8 +41,9 @@ def test_every_algorithm_file_is_tested():
 
 
 def members_of(count, seed, settings, tmp_path, generator="natural_sgd"):
+    draws = generators.generate(generator, count, seed)
     return [{"overrides": {**override, **settings}, "run_dir": str(tmp_path / f"member_{k}"),
-             "name": None} for k, override in enumerate(generators.generate(generator, count, seed))]
+             "name": None} for k, override in enumerate(draws)]
 
 
 def assert_same_run(population, alone, rtol):
