@@ -1,45 +1,51 @@
-"""The training engine: weight steps, hyperparameter steps, evaluation.
+"""The training loop around the pure step (:mod:`step`): samplers, state,
+counters, compilation, checkpoints.
 
 One *hyperparameter step* is ``network_weight_steps`` weight updates followed
-by one update of the hyperparameters from a hypergradient. Weight updates run
-without an autograd graph except the last ``method.differentiable_steps`` of
-each hyperparameter step, which the method needs (K for unrolled
-differentiation; for the implicit methods with SGD, only the training
-gradient of the last update, since the rest of its Jacobian is closed-form).
-Data sits on the device as tensors and batches are gathered by index; nothing
-in the loop waits for the host.
+by one update of the hyperparameters from a hypergradient; :class:`Trainer`
+draws each update's rows from its samplers and calls the pure
+:meth:`step.Program.step` on its state. Data sits on the device as tensors
+and batches are gathered by index inside the step; nothing in the loop
+waits for the host.
 
-All state needed to continue a run bit for bit (weights, optimiser state,
-hyperparameters, outer optimiser, samplers, random generators, counters) is in
-:meth:`Trainer.state_dict`.
+All state needed to continue a run bit for bit (the step's state, samplers,
+counters) is in :meth:`Trainer.state_dict`, as tensors, dicts, lists,
+tuples, numbers and strings only (``torch.load(..., weights_only=True)``).
 """
-import copy
 import functools
-import math
+import logging
+import time
 
 import torch
-from torch.func import functional_call
 
+import hyperparameters as hp
 import hypergradients
-from compiled import CompiledSteps
 from errors import UserError
-from hyperparameters import TRANSFORMS, Hyperparameters
+from hyperparameters import TRANSFORMS
 from optimisers import HYPERPARAMETER_OPTIMISERS, OPTIMISERS
 from registry import closest
+from step import Program, tree_map
+
+
+def whole_split(batch_size, size):
+    """Whether a batch covers the whole split (``batch_size: full``, or at
+    least as many rows as the split has)."""
+    return batch_size == "full" or batch_size >= size
 
 
 class Sampler:
     """Endless minibatches of indices: a fresh permutation every epoch, the
-    incomplete last batch dropped. ``None`` means "the whole split" (batch at
-    least as large as the split), which avoids a gather per step."""
+    incomplete last batch dropped. ``None`` means "the whole split" (batch
+    ``full`` or at least as large as the split), which avoids a gather per step."""
 
     def __init__(self, size, batch_size, seed, device):
         self.size, self.batch_size, self.device = size, batch_size, device
+        self.whole = whole_split(batch_size, size)
         self.generator = torch.Generator().manual_seed(seed)
         self.order, self.position = None, 0
 
     def next(self):
-        if self.batch_size >= self.size:
+        if self.whole:
             return None
         if self.order is None or self.position + self.batch_size > self.size:
             self.order = torch.randperm(self.size, generator=self.generator).to(self.device)
@@ -58,103 +64,19 @@ class Sampler:
 
 
 class Problem:
-    """Model + loss + data as pure functions of a tuple of weight tensors."""
+    """Model + loss + data."""
 
     def __init__(self, model, loss_function, data):
         self.model, self.loss_function, self.data = model, loss_function, data
-        self.names = [name for name, _ in model.named_parameters()]
-        self.parameters = list(model.parameters())
-        self.buffers = dict(model.named_buffers())
 
     def initial_weights(self):
         return tuple(p.detach().clone() for p in self.model.parameters())
 
-    def predict(self, weights, inputs):
-        if all(w is p for w, p in zip(weights, self.parameters)):
-            return self.model(inputs)
-        return functional_call(self.model, (dict(zip(self.names, weights)), self.buffers),
-                               (inputs,))
+    def initial_buffers(self):
+        return {name: b.detach().clone() for name, b in self.model.named_buffers()}
 
     def split(self, name):
-        data = self.data
-        return getattr(data, f"{name}_inputs"), getattr(data, f"{name}_targets")
-
-    def batch(self, split, indices):
-        inputs, targets = self.split(split)
-        if indices is None:
-            return inputs, targets
-        # index_select: half the cost of advanced indexing for a minibatch of rows
-        return inputs.index_select(0, indices), targets.index_select(0, indices)
-
-    def install(self, weights):
-        """Make ``weights`` the module's own parameters (sharing storage) and
-        return those parameters: calling the module directly is cheaper than
-        ``functional_call``'s per-call module swapping. Never call while a
-        graph that saved the parameters is still in use."""
-        for parameter, weight in zip(self.parameters, weights):
-            parameter.data = weight
-        return tuple(self.parameters)
-
-    def loss_and_grads(self, weights, batch):
-        """Loss and gradient for an ordinary weight step, with no graph kept."""
-        self.install(weights)
-        inputs, targets = batch
-        loss = self.loss_function(self.model(inputs), targets)
-        return loss.detach(), torch.autograd.grad(loss, self.parameters)
-
-    @functools.cached_property
-    def validation_model(self):
-        """A twin of the model (same buffers) for validation gradients taken
-        while a recorded window holds the model's own parameters."""
-        twin = copy.deepcopy(self.model)
-        for module, twin_module in zip(self.model.modules(), twin.modules()):
-            twin_module._buffers.update(module._buffers)  # share running statistics
-            for name, parameter in module._parameters.items():
-                if parameter is not None:
-                    twin_module._parameters[name].data = parameter.data
-        return twin
-
-    def validation_gradient(self, weights, batch):
-        """``∇L(weights)`` on ``batch`` through the twin model, with no graph kept."""
-        parameters = list(self.validation_model.parameters())
-        for parameter, weight in zip(parameters, weights):
-            parameter.data = weight
-        inputs, targets = batch
-        loss = self.loss_function(self.validation_model(inputs), targets)
-        return torch.autograd.grad(loss, parameters)
-
-    def loss(self, weights, batch):
-        inputs, targets = batch
-        return self.loss_function(self.predict(weights, inputs), targets)
-
-    @torch.no_grad()
-    def evaluate(self, weights, split, chunk_size, indices=None):
-        """Mean loss and task metrics over a split (or a batch of it), as
-        0-d device tensors: no host sync here."""
-        inputs, targets = self.batch(split, indices)
-        self.model.eval()
-        total_loss, total_unnormalised, total_correct = 0.0, 0.0, 0.0
-        for start in range(0, len(inputs), chunk_size):
-            chunk_inputs = inputs[start:start + chunk_size]
-            chunk_targets = targets[start:start + chunk_size]
-            outputs = self.predict(weights, chunk_inputs)
-            count = len(chunk_inputs)
-            total_loss = total_loss + self.loss_function(outputs, chunk_targets) * count
-            if self.data.task == "regression" and self.data.target_scale is not None:
-                error = (outputs - chunk_targets) * self.data.target_scale
-                total_unnormalised = total_unnormalised + (error ** 2).mean() * count
-            if self.data.task == "classification":
-                total_correct = total_correct + (outputs.argmax(-1) == chunk_targets).sum()
-        self.model.train()
-        size = len(inputs)
-        metrics = {"Loss": total_loss / size}
-        if self.data.task == "regression" and self.data.target_scale is not None:
-            metrics["Unnormalised_Loss"] = total_unnormalised / size
-        if self.data.task == "classification":
-            metrics["Accuracy"] = total_correct / size
-        if self.data.task == "language_model":
-            metrics["Perplexity"] = torch.exp(metrics["Loss"])
-        return metrics
+        return getattr(self.data, f"{name}_inputs"), getattr(self.data, f"{name}_targets")
 
 
 def build_weight_optimiser(spec, where):
@@ -188,217 +110,192 @@ def default_raw(optimiser, transforms):
     return raw
 
 
+def build_program(config, problem, device, dtype):
+    """The :class:`step.Program` of a configuration, its initial raw
+    hyperparameters ``{name: number}`` and the weight optimiser."""
+    optimiser, configured, lr_multiplier = build_weight_optimiser(
+        config["network_weight"], config.where("network_weight"))
+    for list_key in ("optimised_hyperparameters", "high_dimensional_hyperparameters",
+                     "transformed_hyperparameters", "hyperparameter_clipping"):
+        for name in config[list_key]:
+            if name not in optimiser.hyperparameters:
+                raise UserError(
+                    f"{config.where(list_key)}: '{name}' is not a hyperparameter of "
+                    f"{config['network_weight']['class']}"
+                    f"{closest(name, optimiser.hyperparameters)}; valid: "
+                    f"{', '.join(optimiser.hyperparameters)}")
+    if lr_multiplier is not None and "lr" not in optimiser.hyperparameters:
+        raise UserError(f"{config.where('network_weight.lr_multiplier')}: "
+                        f"{config['network_weight']['class']} has no lr")
+    initial = default_raw(optimiser, config["transformed_hyperparameters"])
+    initial.update(configured)
+    method = hypergradients.METHODS.build(config["hypergradient"], config.where("hypergradient"))
+    optimised = [name for name in initial if name in config["optimised_hyperparameters"]]
+    if optimised and isinstance(method, hypergradients.NoHypergradient):
+        raise UserError(f"{config.where('optimised_hyperparameters')}: hyperparameters are "
+                        f"optimised but hypergradient.class is None")
+    outer = (HYPERPARAMETER_OPTIMISERS.build(config["hyperparameter"],
+                                             config.where("hyperparameter"))
+             if optimised else None)
+    validation = "validation" if len(problem.data.validation_inputs) else "training"
+    program = Program(
+        model=problem.model, loss_function=problem.loss_function, data=problem.data,
+        optimiser=optimiser, method=method, outer=outer,
+        transforms=config["transformed_hyperparameters"],
+        clipping=config["hyperparameter_clipping"], optimised=optimised,
+        network_weight_steps=config["network_weight_steps"], lr_multiplier=lr_multiplier,
+        reset=config["reset_model_after_hyperparameter_update"], validation_split=validation)
+    return program, initial
+
+
+def initial_state(program, config, weights, buffers, initial, device, dtype):
+    raw = hp.initial_raw(initial, high_dimensional=config["high_dimensional_hyperparameters"],
+                         weight_shapes=[w.shape for w in weights], device=device, dtype=dtype,
+                         where=config.where("network_weight"))
+    return program.initial_state(weights, raw, buffers)
+
+
+def compiler(device, where="compile"):
+    """``torch.compile`` as ``compile: true`` applies it to the step's pieces."""
+    # inductor looks for a CUDA toolkit even on CPU and warns when it finds none
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+    # cpp_wrapper: kernels called from generated C++ rather than Python, which
+    # matters at these sizes; measured on CPU only.
+    options = {"cpp_wrapper": True} if device.type == "cpu" else None
+    return functools.partial(torch.compile, dynamic=False, options=options)
+
+
+def compile_refusal(problem, config):
+    """Why ``compile: true`` cannot take this configuration, or None."""
+    buffers = [name for name, _ in problem.model.named_buffers()]
+    if buffers:
+        return (f"{config.where('compile')}: true is not supported for models with buffers "
+                f"({', '.join(buffers)}); use compile: false")
+    return None
+
+
+class Sampled:
+    """A run's three samplers (training, validation, logged validation),
+    seeded ``seed + 1``, ``+ 2``, ``+ 3``."""
+
+    def __init__(self, problem, batch_size, seed, device, validation_split):
+        validation_size = len(problem.split(validation_split)[0])
+        self.training = Sampler(len(problem.data.training_inputs), batch_size, seed + 1, device)
+        self.validation = Sampler(validation_size, batch_size, seed + 2, device)
+        # Minibatches for logged validation losses, apart from the hypergradient's.
+        self.log = Sampler(validation_size, batch_size, seed + 3, device)
+
+    def all(self):
+        return (self.training, self.validation, self.log)
+
+    def batches(self, program, network_weight_steps):
+        """One step's indices: one per weight update, and the validation
+        batch only when the step differentiates (so the sampler's stream
+        is the same whatever the method)."""
+        return {"training": [self.training.next() for _ in range(network_weight_steps)],
+                "validation": self.validation.next() if program.recorded else None}
+
+    def state_dict(self):
+        return [sampler.state_dict() for sampler in self.all()]
+
+    def load_state_dict(self, states):
+        for sampler, state in zip(self.all(), states):
+            sampler.load_state_dict(state)
+
+
 class Trainer:
-    """Weights, hyperparameters and the loop that updates both."""
+    """A run's state and the loop that advances it by pure steps."""
 
     def __init__(self, config, problem, device, dtype):
         self.config, self.problem = config, problem
         self.network_weight_steps = config["network_weight_steps"]
-        self.optimiser, configured, self.lr_multiplier = build_weight_optimiser(
-            config["network_weight"], config.where("network_weight"))
-        for list_key in ("optimised_hyperparameters", "high_dimensional_hyperparameters",
-                         "transformed_hyperparameters", "hyperparameter_clipping"):
-            for name in config[list_key]:
-                if name not in self.optimiser.hyperparameters:
-                    raise UserError(
-                        f"{config.where(list_key)}: '{name}' is not a hyperparameter of "
-                        f"{config['network_weight']['class']}"
-                        f"{closest(name, self.optimiser.hyperparameters)}; valid: "
-                        f"{', '.join(self.optimiser.hyperparameters)}")
-        initial = default_raw(self.optimiser, config["transformed_hyperparameters"])
-        initial.update(configured)
-        self.weights = problem.initial_weights()
-        self.hyperparameters = Hyperparameters(
-            initial, transforms=config["transformed_hyperparameters"],
-            clipping=config["hyperparameter_clipping"],
-            optimised=config["optimised_hyperparameters"],
-            high_dimensional=config["high_dimensional_hyperparameters"],
-            weight_shapes=[w.shape for w in self.weights], device=device, dtype=dtype,
-            where=config.where("network_weight"))
-        self.method = hypergradients.METHODS.build(config["hypergradient"],
-                                                   config.where("hypergradient"))
-        leaves = self.hyperparameters.leaves()
-        self.outer = (HYPERPARAMETER_OPTIMISERS.build(config["hyperparameter"],
-                                                      config.where("hyperparameter"),
-                                                      params=leaves) if leaves else None)
-        if leaves and isinstance(self.method, hypergradients.NoHypergradient):
-            raise UserError(f"{config.where('optimised_hyperparameters')}: hyperparameters are "
-                            f"optimised but hypergradient.class is None")
-        self.state = self.optimiser.init(self.weights)
-        self.initial_weights, self.initial_state = self.weights, self.state
-        self.compiled = self.build_compiled() if config["compile"] else None
-        seed = config["seed"]
-        batch_size = config["batch_size"]
-        self.training_sampler = Sampler(len(problem.data.training_inputs), batch_size,
-                                        seed + 1, device)
-        validation_size = len(problem.split(self.validation_split)[0])
-        self.validation_sampler = Sampler(validation_size, batch_size, seed + 2, device)
-        # Minibatches for logged validation losses, apart from the hypergradient's.
-        self.log_sampler = Sampler(validation_size, batch_size, seed + 3, device)
+        self.program, initial = build_program(config, problem, device, dtype)
+        self.optimiser, self.method = self.program.optimiser, self.program.method
+        self.state = initial_state(self.program, config, problem.initial_weights(),
+                                   problem.initial_buffers(), initial, device, dtype)
+        self.compiled = False
+        self.step_program = self.program
+        if config["compile"]:
+            refusal = compile_refusal(problem, config)
+            if refusal:
+                raise UserError(refusal)
+            self.step_program = self.program.wrapped(compiler(device))
+            self.compiled = True
+        self.samplers = Sampled(problem, config["batch_size"], config["seed"], device,
+                                self.validation_split)
         self.hyperparameter_step = 0
         self.weight_step = 0
-        self.last_training_loss = torch.full((), math.nan, device=device)
         self.last_hypergradients = {}
-
-    def build_compiled(self):
-        uses_hypergradients = self.method.differentiable_steps(self.network_weight_steps) > 0
-        if uses_hypergradients and not self.method.linearises(self.optimiser):
-            raise UserError(
-                f"{self.config.where('compile')}: true supports fixed hyperparameters and the "
-                f"closed-form implicit methods (Implicit, Baydin) with SGD; "
-                f"{self.config['hypergradient']['class']} with "
-                f"{self.config['network_weight']['class']} runs with compile: false")
-        return CompiledSteps(self.problem, self.optimiser, self.config.where("compile"),
-                             method=self.method, hyperparameters=self.hyperparameters,
-                             apply_hypergradients=self.apply_hypergradients,
-                             stateful=[self.hyperparameters] + ([self.outer] if self.outer else []))
 
     @property
     def validation_split(self):
         """Validation data, or the training data when the split is empty
         (``validation_proportion: 0``, as in Baydin et al.'s setting)."""
-        return "validation" if len(self.problem.data.validation_inputs) else "training"
+        return self.program.validation_split
 
-    def training_batch(self):
-        return self.problem.batch("training", self.training_sampler.next())
+    @property
+    def weights(self):
+        return self.state["weights"]
 
-    def validation_batch(self):
-        return self.problem.batch(self.validation_split, self.validation_sampler.next())
+    @property
+    def last_training_loss(self):
+        return self.state["last_training_loss"]
 
-    def weight_step_(self, natural):
-        """One ordinary weight update: no graph is kept."""
-        if self.compiled is not None:
-            self.weights, self.state, loss = self.compiled.weight_step(
-                self.weights, self.state, natural, *self.training_batch())
-        else:
-            loss, grads = self.problem.loss_and_grads(self.weights, self.training_batch())
-            with torch.no_grad():
-                self.weights, self.state = self.optimiser.update(self.weights, grads,
-                                                                 self.state, natural)
-        self.last_training_loss = loss
-        self.weight_step += 1
+    def raw_hyperparameters(self):
+        return self.state["hyperparameters"]
 
     def step(self):
-        """One hyperparameter step: the weight updates, then the hyperparameters."""
-        recorded = self.method.differentiable_steps(self.network_weight_steps)
-        natural = self.hyperparameters.natural_detached()
-        for _ in range(self.network_weight_steps - recorded):
-            self.weight_step_(natural)
-        if recorded:
-            self.update_hyperparameters(recorded)
-        if self.lr_multiplier is not None:
-            self.hyperparameters.scale_("lr", self.lr_multiplier)
-        if self.config["reset_model_after_hyperparameter_update"]:
-            self.weights, self.state = self.initial_weights, self.initial_state
+        """One hyperparameter step."""
+        batches = self.samplers.batches(self.program, self.network_weight_steps)
+        self.state, metrics = self.step_program.step(self.state, batches)
+        self.last_hypergradients = metrics["hypergradients"]
+        self.weight_step += self.network_weight_steps
         self.hyperparameter_step += 1
 
-    def update_hyperparameters(self, recorded):
-        batches = [self.training_batch() for _ in range(recorded)]
-        validation_batch = self.validation_batch()
-        if self.compiled is not None and self.compiled.hyperparameter_step is not None:
-            # one fused graph: see compiled.fused_hyperparameter_step
-            self.weights, self.state, self.last_training_loss, self.last_hypergradients = (
-                self.compiled.hyperparameter_step(self.weights, self.state, *batches[0],
-                                                  *validation_batch))
-        else:
-            grads = self.hypergradient_from_window(batches, validation_batch)
-            self.last_hypergradients = self.apply_hypergradients(grads)
-        self.weight_step += recorded
-
-    def apply_hypergradients(self, grads):
-        """The outer optimiser's step and the clipping; returns the summary
-        logged as ``Hypergradient/*``."""
-        self.outer.step(grads)
-        self.hyperparameters.clip_()
-        return self.summarise_hypergradients(grads)
-
-    def hypergradient_from_window(self, batches, validation_batch):
-        """Record the window, take the method's hypergradient, and move the
-        weights to the window's end."""
-        if self.compiled is not None:
-            window = self.compiled_window(batches[0], validation_batch)
-        else:
-            window = hypergradients.unroll(
-                self.problem.install(self.weights), self.state, self.optimiser,
-                self.hyperparameters, self.problem.loss, batches,
-                linearise=self.method.linearises(self.optimiser))
-            window.validation_gradient = (
-                lambda weights: self.problem.validation_gradient(weights, validation_batch))
-        window.validation_loss = lambda weights: self.problem.loss(weights, validation_batch)
-        grads = self.method.hypergradient(window)
-        self.weights = tuple(w.detach() for w in window.end)
-        self.state = {key: (tuple(v.detach() for v in value) if isinstance(value, tuple)
-                            else value.detach()) for key, value in window.state.items()}
-        self.last_training_loss = window.training_losses[-1]
-        return grads
-
-    def compiled_window(self, batch, validation_batch):
-        """The linearised window of :meth:`update_hyperparameters` from the
-        compiled gradient and Hessian-vector product."""
-        compiled, weights = self.compiled, self.weights
-        window = hypergradients.linearised(
-            weights, self.state, self.optimiser, self.hyperparameters,
-            gradient=lambda w: compiled.gradient(w, *batch),
-            hessian_product=lambda vector: compiled.hessian_product(weights, vector, *batch))
-        window.validation_gradient = lambda w: compiled.gradient(w, *validation_batch)[1]
-        return window
-
     def warm_up(self):
-        """Compile (``compile: true``) before the timed loop, on copies of the
-        state and batches of the right shapes: samplers and state untouched."""
-        if self.compiled is None:
+        """Compile (``compile: true``) before the timed loop: one step on
+        batches of the right shapes, its result dropped (the step is pure,
+        so the run's state and samplers are untouched). Returns the seconds."""
+        if not self.compiled:
             return 0.0
-        batches = []
-        for split, sampler in (("training", self.training_sampler),
-                               (self.validation_split, self.validation_sampler)):
-            indices = (torch.arange(sampler.batch_size, device=self.weights[0].device)
-                       if sampler.batch_size < sampler.size else None)
-            batches.append(self.problem.batch(split, indices))
-        return self.compiled.warm_up(self.weights, self.state,
-                                     self.hyperparameters.natural_detached(), batches,
-                                     hessian=self.method.differentiable_steps(
-                                         self.network_weight_steps) > 0)
+        started = time.perf_counter()
+        device = self.weights[0].device
+        batches = {}
+        for key, sampler in (("training", self.samplers.training),
+                             ("validation", self.samplers.validation)):
+            indices = (None if sampler.whole
+                       else torch.arange(sampler.batch_size, device=device))
+            batches[key] = indices
+        batches = {"training": [batches["training"]] * self.network_weight_steps,
+                   "validation": batches["validation"] if self.program.recorded else None}
+        try:
+            self.step_program.step(self.state, batches)
+        except torch._dynamo.exc.TorchDynamoException as error:
+            cause = getattr(error, "inner_exception", None) or error
+            first_line = (str(cause).splitlines() or [""])[0][:200]
+            raise UserError(f"compile: torch.compile failed ({type(cause).__name__}: "
+                            f"{first_line}); use compile: false") from None
+        return time.perf_counter() - started
 
-    def summarise_hypergradients(self, grads):
-        """One number per optimised hyperparameter (the sum over weights for
-        per-weight ones, which equals the scalar hypergradient when they agree)."""
-        summary, position = {}, 0
-        for name in self.hyperparameters.optimised:
-            value = self.hyperparameters.raw[name]
-            count = len(value) if isinstance(value, tuple) else 1
-            summary[name] = sum(g.sum() for g in grads[position:position + count])
-            position += count
-        return summary
-
-    def samplers(self):
-        return (self.training_sampler, self.validation_sampler, self.log_sampler)
+    def summary(self):
+        """Natural value per hyperparameter (the mean for per-weight ones)."""
+        return hp.summary(self.state["hyperparameters"], self.program.transforms)
 
     def evaluate(self, split, indices=None):
-        return self.problem.evaluate(self.weights, split, self.config["evaluation_batch_size"],
-                                     indices)
+        return self.program.evaluate(self.weights, self.state["buffers"], split,
+                                     self.config["evaluation_batch_size"], indices)
 
     def state_dict(self):
-        return {
-            "weights": self.weights, "state": self.state,
-            "buffers": {k: v.clone() for k, v in self.problem.buffers.items()},
-            "initial_weights": self.initial_weights, "initial_state": self.initial_state,
-            "hyperparameters": self.hyperparameters.state_dict(),
-            "outer": self.outer.state_dict() if self.outer else None,
-            "samplers": [sampler.state_dict() for sampler in self.samplers()],
-            "hyperparameter_step": self.hyperparameter_step, "weight_step": self.weight_step,
-            "last_training_loss": self.last_training_loss,
-        }
+        return {"state": self.state, "samplers": self.samplers.state_dict(),
+                "hyperparameter_step": self.hyperparameter_step,
+                "weight_step": self.weight_step}
 
-    def load_state_dict(self, state):
-        self.weights, self.state = state["weights"], state["state"]
-        for name, value in state["buffers"].items():
-            self.problem.buffers[name].copy_(value)
-        self.initial_weights, self.initial_state = state["initial_weights"], state["initial_state"]
-        self.hyperparameters.load_state_dict(state["hyperparameters"])
-        if self.outer is not None:
-            self.outer.load_state_dict(state["outer"])
-        for sampler, sampler_state in zip(self.samplers(), state["samplers"]):
-            sampler.load_state_dict(sampler_state)
-        self.hyperparameter_step = state["hyperparameter_step"]
-        self.weight_step = state["weight_step"]
-        self.last_training_loss = state["last_training_loss"]
+    def load_state_dict(self, saved):
+        expected = tree_map(lambda leaf: tuple(leaf.shape), self.state)
+        found = tree_map(lambda leaf: tuple(leaf.shape), saved["state"])
+        if expected != found:
+            raise ValueError("the saved state does not match this configuration")
+        self.state = saved["state"]
+        self.samplers.load_state_dict(saved["samplers"])
+        self.hyperparameter_step = saved["hyperparameter_step"]
+        self.weight_step = saved["weight_step"]

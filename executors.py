@@ -14,8 +14,15 @@ others. On SLURM the callable is a :class:`submitit.helpers.Checkpointable`:
 when a job is preempted or times out, submitit calls ``checkpoint()``, which
 requeues the same job; the restarted job calls ``train.main`` with the *same*
 ``run_dir``, and the engine resumes from ``run_dir/checkpoint.pt``.
+
+A *population* job (``{"config", "members": [{"overrides", "run_dir",
+"name"}, ...], ...}``) runs its members as one vectorised computation
+through ``train.main_population`` (:class:`PopulationRun`); its result is
+one results dict per member, in order, and a failure is recorded for every
+member it holds.
 """
 import concurrent.futures
+import json
 import multiprocessing
 import os
 import shutil
@@ -39,6 +46,7 @@ EXECUTORS = ("local", "slurm")
 FAILED = "failed"
 # How long a preempted job waits for the training loop to save its state.
 PREEMPTION_WAIT_S = 60
+DONE = ("finished", "diverged")
 SLURM_JOB_FILE = "slurm_job_id"
 
 # Our SLURM YAML keys -> (default, what it becomes for submitit's AutoExecutor).
@@ -94,6 +102,64 @@ def run_training(job):
         return {"status": FAILED, "error": one_line(error), "run_dir": str(run_dir)}
 
 
+def finished_result(run_dir):
+    """The saved results of a run that already ended (finished or diverged), else None."""
+    try:
+        results = json.loads((Path(run_dir) / "results.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return results if isinstance(results, dict) and results.get("status") in DONE else None
+
+
+def record_failure(run_dir, text):
+    """``error.txt`` in a run directory; never raises (the fan-out goes on)."""
+    try:
+        Path(run_dir).mkdir(parents=True, exist_ok=True)
+        write_atomically(Path(run_dir) / "error.txt", text)
+    except OSError:
+        pass
+
+
+def run_population(job):
+    """Call ``train.main_population`` for one population job; returns one
+    result per member, in order.
+
+    Members that already ended (a requeued SLURM task whose population wrote
+    some results before it was stopped) are not trained again: their saved
+    results are returned. If the population fails as a whole, every member it
+    was training gets ``error.txt`` and a ``failed`` result, and the fan-out
+    goes on.
+    """
+    members = job["members"]
+    results = [finished_result(member["run_dir"]) for member in members]
+    todo = [index for index, result in enumerate(results) if result is None]
+    threads = job.get("threads") or os.environ.get("SLURM_CPUS_PER_TASK")
+    try:
+        import torch
+        if threads:
+            torch.set_num_threads(int(threads))
+        import train
+        if todo:
+            trained = train.main_population(job["config"], [members[index] for index in todo],
+                                            group=job.get("group"), progress=False)
+            if len(trained) != len(todo):
+                raise RuntimeError(f"main_population returned {len(trained)} results "
+                                   f"for {len(todo)} members")
+            for index, result in zip(todo, trained):
+                results[index] = result
+                Path(members[index]["run_dir"], "error.txt").unlink(missing_ok=True)
+    except processes.Preempted as preempted:  # members' states saved; submitit requeues the job
+        return [{"status": "preempted", "error": str(preempted), "run_dir": member["run_dir"]}
+                for member in members]
+    except Exception as error:  # noqa: BLE001 -- recorded for each member, the fan-out goes on
+        text = traceback.format_exc()
+        for index in todo:
+            record_failure(members[index]["run_dir"], text)
+            results[index] = {"status": FAILED, "error": one_line(error),
+                              "run_dir": members[index]["run_dir"]}
+    return results
+
+
 class TrainingRun(submitit.helpers.Checkpointable):
     """The callable every executor runs: one training run per call.
 
@@ -114,6 +180,28 @@ class TrainingRun(submitit.helpers.Checkpointable):
     def checkpoint(self, *args, **kwargs):
         processes.preemption.request_and_wait(PREEMPTION_WAIT_S)
         return super().checkpoint(*args, **kwargs)
+
+
+class PopulationRun(TrainingRun):
+    """The callable for a population job: its members trained as one
+    vectorised computation. On preemption ``checkpoint()`` asks the
+    population's loop to write every member's current state (as
+    :class:`TrainingRun` does for one run), then submitit requeues the same
+    call and ``train.main_population`` resumes each member from its
+    ``run_dir/checkpoint.pt``."""
+
+    def __call__(self, job):
+        if os.environ.get("SUBMITIT_EXECUTOR") == "slurm":
+            processes.preemption.reset()
+            return processes.run_in_thread(run_population, job)
+        return run_population(job)
+
+
+def run_directories(job):
+    """The run directories a job writes: its own, or its population members'."""
+    if job.get("members") is not None:
+        return [member["run_dir"] for member in job["members"] if member.get("run_dir")]
+    return [job["run_dir"]] if job.get("run_dir") else []
 
 
 def finished(result):
@@ -381,9 +469,9 @@ class SlurmExecutor:
             output = error.output.decode() if isinstance(error.output, bytes) else error.output
             raise UserError(f"sbatch refused the job array: {' '.join(str(output).split())[:300]}") from None
         for job, handle in zip(jobs, handles):
-            if job.get("run_dir"):
-                Path(job["run_dir"]).mkdir(parents=True, exist_ok=True)
-                write_atomically(Path(job["run_dir"]) / SLURM_JOB_FILE, f"{handle.job_id}\n")
+            for run_dir in run_directories(job):
+                Path(run_dir).mkdir(parents=True, exist_ok=True)
+                write_atomically(Path(run_dir) / SLURM_JOB_FILE, f"{handle.job_id}\n")
         return handles
 
     def attach(self, job_id):

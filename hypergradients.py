@@ -1,160 +1,85 @@
-"""Hypergradient methods: each turns a differentiable window of weight updates
-into the gradient of a validation loss with respect to the raw hyperparameters.
+"""Hypergradient methods as pure functions of a recorded stretch of training.
 
-The engine runs most weight steps without any graph. Only the last
-``method.differentiable_steps`` updates of each hyperparameter step are
-recorded (:func:`unroll`), from weights ``w_0`` (leaves) to ``w_K``, with
-the hyperparameters λ as graph inputs. A method then needs one thing:
+A hyperparameter step runs most weight updates plainly; only the last
+``method.differentiable_steps`` are differentiated (:class:`Window`: start
+weights and optimiser state, the natural hyperparameter values λ, the
+training batches and the validation batch). Every method returns the
+weights and state after the window and ``∂L_V/∂λ`` for the optimised names,
+in the *natural* space; the step (:mod:`step`) applies the transforms'
+chain rule to get the gradient of the raw values the outer optimiser moves
+(``gradient_space: raw``, the exact gradient) or hands the natural-space
+gradient over as it is (``gradient_space: natural``, as Baydin et al.'s
+code does: it moves a log10 learning rate by ``-∇L_V·∇L_T`` itself).
 
 * ``Unrolled`` (Diff-through-Opt): the exact gradient of ``L_V(w_K)``
-  through all K recorded updates, by reverse mode. Memory grows with K.
+  through all K updates, ``torch.func.grad`` of the unrolled function.
+  Memory grows with K.
 * ``Implicit`` (Clarke et al., ICLR 2022; Lorraine et al. 2020 when only the
-  weight decay is optimised): one recorded update ``w_1 = u(w_0, λ)`` and the
+  weight decay is optimised): one update ``w_1 = u(w_0, λ)`` and the
   implicit function theorem at the fixed point ``w* = u(w*, λ)``::
 
       dL_V/dλ = ∂L_V/∂w (I - ∂u/∂w)^{-1} ∂u/∂λ
 
-  with ``(I - ∂u/∂w)^{-1}`` from a pluggable solver (:mod:`linear_solvers`:
-  a truncated Neumann series of ``rollback_distance`` terms, as in the
-  paper, or conjugate gradients). ``∂L_V/∂λ`` (the direct term) is zero for
-  weight-update hyperparameters and is not computed. With an optimiser that
-  has a closed-form ``linearisation`` (SGD), the products with ``∂u/∂w`` and
-  ``∂u/∂λ`` are formulas in the Hessian-vector product ``H x``, so only the
-  training gradient is recorded (``unroll(..., linearise=True)``) and each
-  Neumann term costs one double-backward through that gradient.
+  with ``(I - ∂u/∂w)^{-1}`` from a solver (:mod:`linear_solvers`: a
+  truncated Neumann series of ``rollback_distance`` terms, as in the paper,
+  or conjugate gradients). ``∂L_V/∂λ`` (the direct term) is zero for
+  weight-update hyperparameters. The products with ``∂u/∂w`` and ``∂u/∂λ``
+  come from the optimiser's closed-form ``linearisation`` (SGD) with one
+  recorded ``vjp`` of the training gradient serving every Hessian-vector
+  product, or else from one ``torch.func.vjp`` through the update itself.
 * ``Baydin`` (hypergradient descent, 2018): the greedy one-term case,
   ``∂L_V(w_1)/∂w_1 · ∂u/∂λ``; for plain SGD on the learning rate this is
   ``-∇L_V(w_1) · ∇L_T(w_0)``.
 
-All methods return one gradient per raw hyperparameter leaf (zeros for a
-leaf the loss does not depend on).
+Everything is written with ``torch.func`` (``grad``, ``vjp``), with no
+in-place updates and no host syncs, so the same code runs eagerly, under
+``torch.compile`` and under ``torch.func.vmap`` over a population of runs.
 """
-from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, NamedTuple
 
-import torch
+from torch.func import grad, grad_and_value, vjp
 
 import linear_solvers
 from registry import Registry
 
 METHODS = Registry("hypergradient")
+GRADIENT_SPACES = ("raw", "natural")
 
 
-@dataclass
-class Window:
-    """The recorded weight updates of one hyperparameter step."""
-    start: tuple               # w_0: leaf tensors that require grad
-    end: tuple                 # w_K: functions of w_0 and λ (detached when linearised)
-    state: dict                # optimiser state after the window (with graph)
-    hyperparameters: list      # raw hyperparameter leaves (the outer variables)
-    validation_loss: Callable  # weights -> scalar validation loss on a fixed batch
-    training_losses: list      # detached training loss of each recorded step
-    last_grads: tuple = None   # training gradient of the last update (with graph)
-    linearisation: tuple = None  # closed-form Jacobian products of a one-update window
-    natural_vjp: Callable = None  # {name: ∂/∂natural} -> gradients of the raw leaves
-    optimised: tuple = ()      # names of the optimised hyperparameters, in leaf order
-    # weights -> ∇L_V(weights) on the same batch as ``validation_loss``; the
-    # engine supplies a faster one than differentiating ``validation_loss``.
-    validation_gradient: Callable = None
-    # v -> H v, the training loss's Hessian at ``start`` (linearised windows)
-    hessian_product: Callable = None
+class Window(NamedTuple):
+    """The inputs of the differentiated weight updates of one hyperparameter step."""
+    loss: Callable          # (weights, batch) -> scalar training/validation loss
+    optimiser: object       # optimisers.WeightOptimiser
+    weights: tuple          # w_0
+    state: dict             # weight-optimiser state at w_0
+    natural: dict           # {name: natural value} of every hyperparameter
+    names: tuple            # the optimised names
+    batches: list           # one training batch (inputs, targets) per update
+    validation: tuple       # the validation batch
 
 
-def leaves(weights):
-    """Fresh leaf tensors (sharing storage) to start a recorded window from."""
-    return tuple(w.detach().requires_grad_(True) for w in weights)
+class Outcome(NamedTuple):
+    weights: tuple          # w_K
+    state: dict             # optimiser state after the window
+    training_loss: object   # L_T of the last update (0-d tensor)
+    starts: list            # the weights each update started from (for model buffers)
+    cotangents: dict        # {name: ∂L_V/∂natural value}; {} without hypergradient
 
 
-def unroll(start, state, optimiser, hyperparameters, training_loss, batches, linearise=False):
-    """Run one differentiable weight update per batch from the leaf tensors
-    ``start``, keeping the graph.
-
-    ``training_loss(weights, batch)`` is the scalar loss; ``hyperparameters``
-    is a :class:`hyperparameters.Hyperparameters`. The returned
-    :class:`Window`'s ``validation_loss`` is filled in by the caller.
-
-    ``linearise=True`` (one batch, an optimiser with a closed-form
-    ``linearisation``) records only the training gradient: see
-    :func:`linearised`.
-    """
-    single = len(batches) == 1 and optimiser.linearisation is not None
-    if linearise:
-        if not single:
-            raise ValueError("linearise=True needs one batch and an optimiser with a "
-                             "linearisation")
-
-        def gradient(weights):
-            loss = training_loss(weights, batches[0])
-            return loss.detach(), torch.autograd.grad(loss, weights, create_graph=True)
-
-        return linearised(start, state, optimiser, hyperparameters, gradient)
-    state = {key: _detach(value) for key, value in state.items()}
-    natural = hyperparameters.natural()
-    weights, linearisation = start, None
-    losses = []
-    for batch in batches:
-        loss = training_loss(weights, batch)
-        grads = torch.autograd.grad(loss, weights, create_graph=True)
-        if single:
-            linearisation = optimiser.linearisation(weights, grads, state, natural)
-        weights, state = optimiser.update(weights, grads, state, natural)
-        losses.append(loss.detach())
-    return _window(start, weights, state, hyperparameters, losses, grads, linearisation, natural)
-
-
-def linearised(weights, state, optimiser, hyperparameters, gradient, hessian_product=None):
-    """A one-update window for the closed-form implicit methods, with no
-    graph through the update itself.
-
-    ``gradient(weights) -> (loss, ∇L_T)`` gives the training gradient, with
-    a graph to ``weights`` when ``hessian_product`` (``v -> H v``) is
-    omitted: the products are then double-backwards through that gradient.
-    Compiled steps (:mod:`compiled`) pass a functional ``hessian_product``
-    instead. The update runs without a graph; the Jacobian products come
-    from the optimiser's ``linearisation`` and the transforms' derivatives.
-    """
-    state = {key: _detach(value) for key, value in state.items()}
-    natural = hyperparameters.natural_detached()
-    loss, grads = gradient(weights)
-    with torch.no_grad():
-        end, new_state = optimiser.update(weights, grads, state, natural)
-    linearisation = optimiser.linearisation(weights, grads, state, natural, new_state)
-    return _window(weights, end, new_state, hyperparameters, [loss], grads, linearisation,
-                   natural, hessian_product)
-
-
-def _window(start, end, state, hyperparameters, losses, grads, linearisation, natural,
-            hessian_product=None):
-    """A :class:`Window`; a one-update window with a ``linearisation`` gets
-    a Hessian-vector product (by default a double backward through ``grads``)."""
-    natural_values = {name: _detach(value) for name, value in natural.items()}
-    if linearisation is not None and hessian_product is None:
-        hessian_product = lambda vector: _vjp(grads, start, vector)  # noqa: E731
-    return Window(start, end, state, hyperparameters.leaves(), None, losses,
-                  last_grads=grads, linearisation=linearisation,
-                  natural_vjp=lambda cotangents: hyperparameters.natural_vjp(cotangents,
-                                                                             natural_values),
-                  optimised=tuple(hyperparameters.optimised), hessian_product=hessian_product)
-
-
-def _detach(value):
-    if isinstance(value, tuple):
-        return tuple(v.detach() for v in value)
-    return value.detach()
+def _check_space(gradient_space):
+    if gradient_space not in GRADIENT_SPACES:
+        raise ValueError(f"`gradient_space` must be one of {', '.join(GRADIENT_SPACES)}, "
+                         f"got {gradient_space!r}")
+    return gradient_space
 
 
 @METHODS.register("None")
 class NoHypergradient:
-    """Fixed hyperparameters: nothing is recorded or differentiated."""
+    """Fixed hyperparameters: nothing is differentiated."""
+    gradient_space = "raw"
 
     def differentiable_steps(self, network_weight_steps):
         return 0
-
-    def linearises(self, optimiser):
-        return False
-
-    def hypergradient(self, window):
-        raise RuntimeError("NoHypergradient has no hypergradient")
 
 
 @METHODS.register("Unrolled")
@@ -162,96 +87,108 @@ class Unrolled:
     """Exact hypergradient through the last ``window`` weight updates
     (``window: null``: every update of the hyperparameter step)."""
 
-    def __init__(self, window=5):
-        if window is not None and (not isinstance(window, int) or window < 1):
+    def __init__(self, window=5, gradient_space="raw"):
+        if window is not None and (isinstance(window, bool) or not isinstance(window, int)
+                                   or window < 1):
             raise ValueError(f"`window` must be a positive integer or null, got {window!r}")
         self.window = window
+        self.gradient_space = _check_space(gradient_space)
 
     def differentiable_steps(self, network_weight_steps):
         if self.window is None:
             return network_weight_steps
         return min(self.window, network_weight_steps)
 
-    def linearises(self, optimiser):
-        return False
-
     def hypergradient(self, window):
-        loss = window.validation_loss(window.end)
-        return _vjp(loss, window.hyperparameters, retain_graph=False)
+        loss, optimiser = window.loss, window.optimiser
+
+        def validation_after(optimised):
+            natural = {**window.natural, **optimised}
+            weights, state, starts = window.weights, window.state, []
+            for batch in window.batches:
+                starts.append(weights)
+                grads, value = grad_and_value(loss)(weights, batch)
+                weights, state = optimiser.update(weights, grads, state, natural)
+            return loss(weights, window.validation), (weights, state, value, starts)
+
+        optimised = {name: window.natural[name] for name in window.names}
+        cotangents, (end, state, value, starts) = grad(validation_after, has_aux=True)(optimised)
+        return Outcome(end, state, value, starts, cotangents)
 
 
 @METHODS.register("Implicit")
 class Implicit:
     """Implicit-function-theorem hypergradient through one weight update,
     with ``(I - ∂u/∂w)^{-1}`` approximated by ``solver`` in
-    ``rollback_distance`` terms (Neumann) or iterations (CG)."""
+    ``rollback_distance`` terms (Neumann) or iterations (CG).
+    ``closed_form: false`` forces the autograd Jacobian products even where
+    the optimiser has closed-form ones (a reference for tests)."""
 
-    def __init__(self, rollback_distance=5, solver="neumann", closed_form=True):
-        if not isinstance(rollback_distance, int) or rollback_distance < 1:
+    def __init__(self, rollback_distance=5, solver="neumann", closed_form=True,
+                 gradient_space="raw"):
+        if (isinstance(rollback_distance, bool) or not isinstance(rollback_distance, int)
+                or rollback_distance < 1):
             raise ValueError(f"`rollback_distance` must be a positive integer, "
                              f"got {rollback_distance!r}")
         self.rollback_distance = rollback_distance
         self.solver = solver
         self.solve = linear_solvers.get_solver(solver)
         self.closed_form = closed_form
-        self.trajectory = None
+        self.gradient_space = _check_space(gradient_space)
 
     def differentiable_steps(self, network_weight_steps):
         return 1
 
-    def linearises(self, optimiser):
-        """Whether the engine may record only the training gradient (see :func:`unroll`)."""
+    def uses_closed_form(self, optimiser):
         return self.closed_form and optimiser.linearisation is not None
 
     def hypergradient(self, window):
-        if window.validation_gradient is not None:
-            validation_grad = window.validation_gradient(tuple(w.detach() for w in window.end))
-        else:
-            end = tuple(w.detach().requires_grad_(True) for w in window.end)
-            validation_grad = torch.autograd.grad(window.validation_loss(end), end)
+        if self.uses_closed_form(window.optimiser):
+            return self._closed_form(window)
+        return self._through_update(window)
 
-        if self.closed_form and window.linearisation is not None:
-            return self._with_closed_form(window, validation_grad)
-        if window.end[0].grad_fn is None:
-            raise ValueError("closed_form=False needs a window recorded with linearise=False "
-                             "(the update's own graph)")
-        # v ↦ v ∂u/∂w is one double-backward through the recorded update.
-        inverse_product, self.trajectory = self.solve(
-            lambda v: _vjp(window.end, window.start, v), validation_grad,
+    def _closed_form(self, window):
+        """``∇L_T(w_0)`` recorded once as a ``vjp``, whose pullback is every
+        Hessian-vector product ``H v`` of the solver; the update and its
+        Jacobian products are closed-form."""
+        (batch,), optimiser, natural = window.batches, window.optimiser, window.natural
+        grads, pullback, value = vjp(lambda w: grad_and_value(window.loss)(w, batch),
+                                     window.weights, has_aux=True)
+        end, state = optimiser.update(window.weights, grads, window.state, natural)
+        weight_product, hyperparameter_products = optimiser.linearisation(
+            window.weights, grads, window.state, natural, state)
+        validation_grad = grad(window.loss)(end, window.validation)
+        inverse_product, _ = self.solve(
+            lambda v: weight_product(v, lambda x: pullback(x)[0]), validation_grad,
             self.rollback_distance)
-        return _vjp(window.end, window.hyperparameters, inverse_product)
+        return Outcome(end, state, value, [window.weights],
+                       hyperparameter_products(inverse_product, window.names))
 
-    def _with_closed_form(self, window, validation_grad):
-        grads, self.trajectory = self.closed_form_hypergradient(
-            validation_grad, window.linearisation, window.hessian_product, window.natural_vjp,
-            window.optimised)
-        return grads
+    def _through_update(self, window):
+        """One ``vjp`` of the whole update ``(w, λ) -> u(w, λ)``: its pullback
+        gives both ``v ∂u/∂w`` (for the solver) and ``x ∂u/∂λ``."""
+        (batch,), optimiser = window.batches, window.optimiser
 
-    def closed_form_hypergradient(self, validation_grad, linearisation, hessian_product,
-                                  natural_vjp, optimised):
-        """The same computation with the optimiser's closed-form Jacobian
-        products and the transforms' closed-form derivatives: only ``H x``
-        needs autograd (through the gradient alone). A pure function of its
-        inputs, so :mod:`compiled` traces it into one fused hyperparameter
-        step. Returns ``(raw-leaf gradients, solver trajectory)``."""
-        weight_product, hyperparameter_products = linearisation
-        inverse_product, trajectory = self.solve(
-            lambda v: weight_product(v, hessian_product), validation_grad,
-            self.rollback_distance)
-        return natural_vjp(hyperparameter_products(inverse_product, optimised)), trajectory
+        def update(weights, optimised):
+            grads, value = grad_and_value(window.loss)(weights, batch)
+            end, state = optimiser.update(weights, grads, window.state,
+                                          {**window.natural, **optimised})
+            return end, (state, value)
 
-
-def _vjp(outputs, inputs, vector=None, retain_graph=True):
-    """``vector · ∂outputs/∂inputs`` (zeros where ``outputs`` do not depend on
-    an input), by default keeping the graph for further products."""
-    grads = torch.autograd.grad(outputs, inputs, grad_outputs=vector, retain_graph=retain_graph,
-                                allow_unused=True)
-    return tuple(torch.zeros_like(x) if g is None else g for x, g in zip(inputs, grads))
+        optimised = {name: window.natural[name] for name in window.names}
+        end, pullback, (state, value) = vjp(update, window.weights, optimised, has_aux=True)
+        validation_grad = grad(window.loss)(end, window.validation)
+        inverse_product, _ = self.solve(lambda v: pullback(v)[0], validation_grad,
+                                        self.rollback_distance)
+        return Outcome(end, state, value, [window.weights], pullback(inverse_product)[1])
 
 
 @METHODS.register("Baydin")
 class Baydin(Implicit):
-    """Greedy one-step hypergradient (hypergradient descent)."""
+    """Greedy one-step hypergradient (hypergradient descent).
+    ``gradient_space: natural`` hands the outer optimiser the natural-space
+    hypergradient as the gradient of the stored value, as the paper's code
+    does; ``raw`` (default) is the exact chain rule through the transform."""
 
-    def __init__(self):
-        super().__init__(rollback_distance=1, solver="neumann")
+    def __init__(self, gradient_space="raw"):
+        super().__init__(rollback_distance=1, solver="neumann", gradient_space=gradient_space)

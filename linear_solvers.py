@@ -14,7 +14,9 @@ For SGD, ``u(w) = w - α(∇L_T(w) + ...)`` and ``I - J = α H``: the same syste
 Lorraine et al.'s ``∂L_V/∂w · H^{-1}`` scaled by ``α``; the Neumann solver then
 *is* their approximation.
 
-Vectors are tuples of tensors (one per parameter tensor).
+Vectors are tuples of tensors (one per parameter tensor). Only plain tensor
+operations are used, so the solvers run under ``torch.func.vmap`` and
+``torch.compile``.
 Every solver returns ``(x, trajectory)`` where ``trajectory[k]`` is the
 estimate after ``k`` vjps, so callers and tests can watch convergence.
 """
@@ -24,10 +26,8 @@ from errors import UserError
 
 
 def _add(xs, ys, alpha=1.0):
-    """``xs + alpha * ys`` in multi-tensor kernels (``alpha`` a number or a 0-d tensor)."""
-    if isinstance(alpha, torch.Tensor):
-        return tuple(torch._foreach_add(xs, torch._foreach_mul(ys, alpha)))
-    return tuple(torch._foreach_add(xs, ys, alpha=alpha))
+    """``xs + alpha * ys`` (``alpha`` a number or a 0-d tensor)."""
+    return tuple(x + alpha * y for x, y in zip(xs, ys))
 
 
 def _dot(xs, ys):
@@ -56,11 +56,14 @@ def neumann(vjp, b, steps):
 
 
 def conjugate_gradient(vjp, b, steps, tolerance=1e-10):
-    """Conjugate gradient on ``(I - J)^T x = b``, taking ``steps`` vjps at most.
+    """Conjugate gradient on ``(I - J)^T x = b``, taking exactly ``steps`` vjps.
 
     Valid when ``I - J`` is symmetric positive definite, as for SGD's update
     at a local minimum (``I - J = α(H + κ I)``). Usually needs far fewer
-    products than the Neumann series on ill-conditioned problems.
+    products than the Neumann series on ill-conditioned problems. Once the
+    squared residual falls to ``tolerance`` the iterate is frozen by a mask
+    rather than by leaving the loop: no data-dependent branch, so it runs
+    under ``vmap`` (each member stops on its own) and compiles as one graph.
     """
     if steps < 1:
         raise UserError(f"conjugate_gradient: `steps` must be at least 1, got {steps}")
@@ -68,23 +71,28 @@ def conjugate_gradient(vjp, b, steps, tolerance=1e-10):
     def apply(v):
         return _add(v, vjp(v), alpha=-1.0)
 
+    def keep_if(done, old, new):
+        return tuple(torch.where(done, o, n) for o, n in zip(old, new))
+
     x = tuple(torch.zeros_like(t) for t in b)
     residual = b
     direction = b
     residual_norm = _dot(residual, residual)
+    done = residual_norm <= tolerance
     trajectory = [x]
     for _ in range(steps):
         product = apply(direction)
         curvature = _dot(direction, product)
-        step = residual_norm / curvature
-        x = _add(x, direction, alpha=step)
-        residual = _add(residual, product, alpha=-step)
-        new_norm = _dot(residual, residual)
+        step = residual_norm / torch.where(done, torch.ones_like(curvature), curvature)
+        x = keep_if(done, x, _add(x, direction, alpha=step))
+        new_residual = _add(residual, product, alpha=-step)
+        new_norm = _dot(new_residual, new_residual)
         trajectory.append(x)
-        if bool(new_norm <= tolerance):  # one host sync per vjp, not per weight step
-            break
-        direction = _add(residual, direction, alpha=new_norm / residual_norm)
-        residual_norm = new_norm
+        ratio = new_norm / torch.where(done, torch.ones_like(residual_norm), residual_norm)
+        direction = keep_if(done, direction, _add(new_residual, direction, alpha=ratio))
+        residual = keep_if(done, residual, new_residual)
+        residual_norm = torch.where(done, residual_norm, new_norm)
+        done = done | (new_norm <= tolerance)
     return x, trajectory
 
 

@@ -4,7 +4,8 @@
         --algorithms Random Lorraine Ours_LR_Momentum --repetitions 50 \
         [--generator natural_sgd|iteration_id|from_directory:DIR] [--seed 0] \
         [--workers N] [--executor local|slurm] [--slurm slurm/cifar10.yaml] \
-        [-g GROUP] [-l LOG_ROOT] [--set key=value ...] [--campaign campaign.yaml]
+        [-g GROUP] [-l LOG_ROOT] [--set key=value ...] [--campaign campaign.yaml] \
+        [--population-size M]
 
 Every repetition's override (one random SGD initialisation for
 ``natural_sgd``) is shared by all algorithms, so they start from the same
@@ -13,9 +14,19 @@ a run whose ``results.json`` says finished or diverged is skipped, so running
 the same command again resumes an interrupted fan-out (and on SLURM a
 preempted job resumes from its checkpoint in that directory). A failed run is
 recorded (``error.txt`` in its directory, and the summary) and the rest go on.
+
+``--population-size M`` packs each algorithm's pending runs into populations
+of at most M members, each trained as one vectorised computation in one
+worker process or SLURM array task (``train.main_population``). The run
+directories, results and summary are the same as without it; skip-finished
+and resume stay per member. An algorithm the vectorised path cannot take
+(``train.population_refusal`` gives the reason) runs one process per run, as
+without the option, and the fan-out says so in one line.
 """
 import argparse
 import json
+import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -32,7 +43,7 @@ from registry import closest
 REPOSITORY = Path(__file__).resolve().parent
 DONE = ("finished", "diverged")
 CAMPAIGN_KEYS = ("config", "algorithms", "repetitions", "generator", "seed", "workers", "executor",
-                 "slurm", "group", "log_root", "set", "algorithm_dir")
+                 "slurm", "group", "log_root", "set", "algorithm_dir", "population_size")
 
 
 def build_parser():
@@ -51,6 +62,9 @@ def build_parser():
     parser.add_argument("--set", nargs="+", action="extend", metavar="KEY=VALUE",
                         help="overrides applied to every run, after the generator's")
     parser.add_argument("--algorithm-dir", dest="algorithm_dir", help="where <Name>.yaml live (default: configs/)")
+    parser.add_argument("--population-size", dest="population_size", type=int, metavar="M",
+                        help="train each algorithm's runs as vectorised populations of at most M "
+                             "members per job (default: one process per run)")
     parser.add_argument("--campaign", help="YAML whose keys give defaults for these options")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     return parser
@@ -80,6 +94,7 @@ CAMPAIGN_TYPES = {
     "set": (lambda v: isinstance(v, dict) or (isinstance(v, list) and all(isinstance(i, str) for i in v)),
             "a mapping of dotted keys to values, or a list of key=value"),
     "algorithm_dir": (lambda v: isinstance(v, str) and bool(v), "a directory"),
+    "population_size": (lambda v: v is None or _count(1)(v), "an integer >= 1"),
 }
 # The command-line flag of each option, for messages.
 FLAGS = {"config": "-c", "log_root": "-l", "algorithm_dir": "--algorithm-dir"}
@@ -107,7 +122,7 @@ def resolve_options(arguments):
     campaign = read_campaign(arguments.campaign)
     defaults = {"generator": "natural_sgd", "seed": 0, "executor": "local", "group": "fanout",
                 "log_root": "runs", "set": [], "algorithm_dir": str(REPOSITORY / "configs"),
-                "workers": None, "slurm": None, "repetitions": None}
+                "workers": None, "slurm": None, "repetitions": None, "population_size": None}
     options = {**defaults, **campaign}
     # Where each option came from: a flag, or the campaign file.
     options["sources"] = {key: str(arguments.campaign) for key in campaign}
@@ -121,7 +136,7 @@ def resolve_options(arguments):
         raise UserError("-c: no config given: -c configs/<dataset>.yaml")
     if not options.get("algorithms"):
         raise UserError("--algorithms: no algorithms given: --algorithms Random Lorraine ...")
-    for key in ("workers", "seed"):
+    for key in ("workers", "seed", "population_size"):
         check, expected = CAMPAIGN_TYPES[key]
         if not check(options[key]):
             raise UserError(f"{where(options, key)}: must be {expected}, got {options[key]!r}")
@@ -193,14 +208,7 @@ def plan(options):
     return jobs
 
 
-def finished_result(run_dir):
-    """The saved results of a run that already ended (finished or diverged), else None."""
-    path = Path(run_dir) / "results.json"
-    try:
-        results = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return results if results.get("status") in DONE else None
+finished_result = executors.finished_result
 
 
 def add_slurm_checkpointing(jobs, options):
@@ -214,27 +222,124 @@ def add_slurm_checkpointing(jobs, options):
         job["overrides"].setdefault("checkpoint_every", int(every))
 
 
+def split_evenly(jobs, size):
+    """``jobs`` in consecutive groups of at most ``size``, as equal as possible
+    (200 runs at ``size`` 64: 50, 50, 50, 50, not 64, 64, 64, 8), so the
+    populations of one algorithm take about the same time."""
+    count = math.ceil(len(jobs) / size)
+    base, extra = divmod(len(jobs), count)
+    groups, start = [], 0
+    for index in range(count):
+        end = start + base + (1 if index < extra else 0)
+        groups.append(jobs[start:end])
+        start = end
+    return groups
+
+
+def population_refusal(config, overrides):
+    """Why ``train.py`` cannot vectorise this configuration (one line), or None."""
+    import train  # torch: imported only when populations are asked for
+    refuse = getattr(train, "population_refusal", None)
+    if refuse is None or not hasattr(train, "main_population"):
+        return "this train.py has no population engine"
+    return refuse(config, overrides)
+
+
+def pack(pending, size):
+    """Each algorithm's pending runs as population jobs of at most ``size``
+    members; runs the vectorised path refuses stay single-run jobs.
+
+    Returns ``(jobs, fallbacks)``: ``jobs`` mixes population jobs (a
+    ``members`` list of the single-run jobs they hold) and single-run jobs,
+    algorithm by algorithm; ``fallbacks`` maps an algorithm to the reason its
+    runs (or some of them) go one process per run. Members keep the overrides,
+    names and run directories the per-run fan-out gives them.
+    """
+    jobs, fallbacks = [], {}
+    for algorithm in dict.fromkeys(job["algorithm"] for job in pending):
+        batch = [job for job in pending if job["algorithm"] == algorithm]
+        refusals = {}
+        for job in batch:  # members differ in override values; check each distinct key set once
+            keys = frozenset(job["overrides"])
+            if keys not in refusals:
+                refusals[keys] = population_refusal(job["config"], job["overrides"])
+        vectorised = [job for job in batch if refusals[frozenset(job["overrides"])] is None]
+        alone = [job for job in batch if refusals[frozenset(job["overrides"])] is not None]
+        if alone:
+            reason = next(refusals[frozenset(job["overrides"])] for job in alone)
+            fallbacks[algorithm] = {"runs": len(alone), "reason": reason}
+        # Runs given different override keys (``from_directory`` files) never share a population.
+        alike = {}
+        for job in vectorised:
+            alike.setdefault(frozenset(job["overrides"]), []).append(job)
+        populations = [members for same in alike.values() for members in split_evenly(same, size)]
+        for index, members in enumerate(populations):
+            jobs.append({"algorithm": algorithm, "population": index, "config": members[0]["config"],
+                         "group": members[0]["group"], "name": f"{algorithm}-population_{index}",
+                         "members": members})
+        jobs.extend(alone)
+    return jobs, fallbacks
+
+
+def member_spec(job):
+    """What ``train.main_population`` needs of one member."""
+    return {"overrides": job["overrides"], "run_dir": job["run_dir"], "name": job["name"]}
+
+
 def launch(executor, jobs):
-    """Submit the pending jobs, one batch (one SLURM array) per algorithm."""
+    """Submit the pending jobs, one batch (one SLURM array) per algorithm, and
+    one more for its populations. Returns the handles and, for each, the list
+    of single-run jobs it answers for and whether it is a population."""
     handles, owners = [], []
     for algorithm in dict.fromkeys(job["algorithm"] for job in jobs):
-        batch = [job for job in jobs if job["algorithm"] == algorithm]
-        handles.extend(executor.map(executors.TrainingRun(), batch, label=algorithm))
-        owners.extend(batch)
+        populations = [job for job in jobs if job["algorithm"] == algorithm and "members" in job]
+        batch = [job for job in jobs if job["algorithm"] == algorithm and "members" not in job]
+        if populations:
+            payloads = [{**job, "members": [member_spec(member) for member in job["members"]]}
+                        for job in populations]
+            handles.extend(executor.map(executors.PopulationRun(), payloads, label=algorithm))
+            owners.extend((job["members"], True) for job in populations)
+        if batch:
+            handles.extend(executor.map(executors.TrainingRun(), batch, label=algorithm))
+            owners.extend(([job], False) for job in batch)
     return handles, owners
 
 
+def member_results(members, result, population):
+    """One result per member job from what a handle returned: a population's
+    list (matched by run directory), a single run's dict, or one failure for
+    a whole population whose process or SLURM task died (then recorded in
+    each member's ``error.txt``)."""
+    if isinstance(result, list):
+        by_dir = {str(item.get("run_dir")): item for item in result if isinstance(item, dict)}
+        if all(job["run_dir"] in by_dir for job in members):
+            return [by_dir[job["run_dir"]] for job in members]
+        if len(result) == len(members):
+            return result
+        result = {"status": executors.FAILED,
+                  "error": f"population returned {len(result)} results for {len(members)} runs"}
+    result = dict(result or {})
+    if not population:
+        return [result]
+    if result.get("status", executors.FAILED) == executors.FAILED:
+        for job in members:
+            executors.record_failure(job["run_dir"], f"population failed: {result.get('error')}\n")
+    return [{**result, "run_dir": job["run_dir"]} for job in members]
+
+
 def collect(executor, handles, owners, records, bar):
-    """Wait for every handle, recording results as they arrive."""
+    """Wait for every handle, recording results (one per run) as they arrive."""
     for index, result in executor.as_completed(handles):
-        job = owners[index]
-        result = dict(result or {})
-        result.setdefault("run_dir", job["run_dir"])
-        if result.get("run_dir") is None:
-            result["run_dir"] = job["run_dir"]
-        records.append(record(job, result))
-        bar.update(1)
-        bar.set_postfix_str(f"{job['algorithm']} rep_{job['repetition']}: {result.get('status')}")
+        members, population = owners[index]
+        for job, outcome in zip(members, member_results(members, result, population)):
+            outcome = dict(outcome or {})
+            if outcome.get("run_dir") is None:
+                outcome["run_dir"] = job["run_dir"]
+            records.append(record(job, outcome))
+        bar.update(len(members))
+        job = members[0]
+        where = f"population of {len(members)}" if population else f"rep_{job['repetition']}"
+        bar.set_postfix_str(f"{job['algorithm']} {where}: {outcome.get('status')}")
 
 
 def record(job, result, skipped=False):
@@ -270,28 +375,38 @@ def run(options):
     group_dir = Path(options["log_root"]) / options["group"]
     if options["executor"] == "slurm":
         add_slurm_checkpointing(jobs, options)
-    records, pending, attached = [], [], []
+    records, pending, attached = [], [], {}
     for job in jobs:
         done = finished_result(job["run_dir"])
         active = executors.active_slurm_job(job["run_dir"]) if not done else None
         if done:
             records.append(record(job, done, skipped=True))
         elif active and options["executor"] == "slurm":  # an earlier submission still on SLURM:
-            attached.append((job, active))                # wait for it, never submit it twice
+            attached.setdefault(active, []).append(job)   # wait for it, never submit it twice
         elif active:
             records.append(record(job, {"status": "running", "error": f"SLURM job {active}"}, skipped=True))
         else:
             pending.append(job)
-    waiting = len(pending) + len(attached)
+    waiting = len(pending) + sum(len(members) for members in attached.values())
+    units, fallbacks = pending, {}
+    if options.get("population_size") and pending:
+        units, fallbacks = pack(pending, options.get("population_size"))
+        for algorithm, fallback in fallbacks.items():
+            print(f"{algorithm}: {fallback['runs']} run(s) one process each, not vectorised: "
+                  f"{fallback['reason']}", file=sys.stderr)
     bar = tqdm(total=len(jobs), initial=len(jobs) - waiting, desc="runs", unit="run",
                disable=not options["progress"], file=sys.stderr)
     if waiting:
+        workers = options["workers"]
+        if options.get("population_size") and options["executor"] == "local":
+            # Fewer populations than workers: give each population more threads.
+            workers = min(int(workers or os.cpu_count() or 1), max(1, len(units)))
         executor = executors.make_executor(options["executor"], group_dir / "slurm_logs",
-                                           options["slurm"], options["workers"])
-        handles, owners = launch(executor, pending)
-        for job, job_id in attached:
+                                           options["slurm"], workers)
+        handles, owners = launch(executor, units)
+        for job_id, members in attached.items():
             handles.append(executor.attach(job_id))
-            owners.append(job)
+            owners.append((members, len(members) > 1))  # members sharing a job: a population
         try:
             collect(executor, handles, owners, records, bar)
         except KeyboardInterrupt:
@@ -304,10 +419,16 @@ def run(options):
     for line in records:
         counts[line["status"]] = counts.get(line["status"], 0) + 1
     summary = {"total": len(jobs), "skipped": len(jobs) - waiting, "launched": len(pending),
-               "reattached": len(attached),
+               "reattached": waiting - len(pending),
                "counts": counts, "wall_time_s": time.time() - started,
                "group_dir": str(group_dir.resolve()),
                "runs": sorted(records, key=lambda line: (line["algorithm"], line["repetition"]))}
+    if options.get("population_size"):
+        summary["population_size"] = options.get("population_size")
+        summary["populations"] = [{"algorithm": job["algorithm"], "population": job["population"],
+                                   "repetitions": [member["repetition"] for member in job["members"]]}
+                                  for job in units if "members" in job]
+        summary["not_vectorised"] = fallbacks
     write_summary(group_dir / "summary.json", summary)
     return summary
 

@@ -2,6 +2,7 @@
 
     python bench/speed.py [--device cpu|cuda] [--threads 1] [--repeats 30]
                           [--hyperparameter-steps 10] [--whole-runs 3] [--compile]
+    python bench/speed.py --population 64    # vectorised pure step against one run
 
 Workloads: UCI energy (MLP 8-50-1, full batch of 614; real data from
 $HYPERGRAD_DATA) and a Fashion-MNIST-shaped one (MLP 784-50-10, batch 50,
@@ -11,11 +12,11 @@ algorithms interleaved block by block and the fastest block taken, so the
 Ours/Random ratio comes from one run under the same machine load. Also times
 whole 4,000-step UCI-energy Random and Ours_LR_Momentum runs through
 ``train.main`` (their ``wall_time_s``: the training loop, logging included),
-and the *autograd floor* of each workload: the ratio Ours_LR_Momentum would
-reach if its hyperparameter step did nothing but the autograd work the
-paper's algorithm requires. ``--compile`` runs Random and Ours_LR_Momentum
-with ``compile: true`` (compilation before the timed loops); its floor is
-the fused hyperparameter step (one compiled graph) timed alone.
+and the *step-parts floor* of each workload: the ratio Ours_LR_Momentum
+would reach if nothing in the loop cost anything beyond the two pieces of
+its pure step (a plain weight step, the hyperparameter update), each timed
+alone. ``--compile`` runs every algorithm with ``compile: true``
+(compilation before the timed loops).
 """
 import argparse
 import math
@@ -30,13 +31,12 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import config  # noqa: E402
-import hypergradients  # noqa: E402
 import train  # noqa: E402
 from datasets import Data  # noqa: E402
 from engine import Problem, Trainer  # noqa: E402
 
 ALGORITHMS = ["Random", "Ours_LR_Momentum", "DiffThroughOpt"]
-COMPILABLE = {"Random", "Ours_LR_Momentum"}  # the unrolled method is not compiled
+COMPILABLE = set(ALGORITHMS)  # compile: true wraps the same pure step for every method
 
 
 def fashion_mnist_shaped(device):
@@ -99,56 +99,63 @@ def interleaved_microseconds(functions, count=20, repeats=30):
     return best
 
 
-def autograd_floor(trainer):
-    """The time ratio Ours/Random would have if a hyperparameter step cost
-    nothing beyond its unavoidable autograd work: the recorded step (training
-    gradient with ``create_graph``), one validation gradient and
-    ``rollback_distance - 1`` Hessian-vector products, each timed alone."""
+def step_parts(trainer):
+    """The two pieces of Ours_LR_Momentum's pure step (:mod:`step`), timed
+    alone and interleaved, as the trainer runs them (compiled with
+    ``--compile``): a plain weight step and the hyperparameter update (the
+    recorded update, validation gradient, Neumann products, outer optimiser
+    and clipping). Returns the plain step's time, the parts and the ratio to
+    Random the step would have if nothing else in the loop cost anything."""
     for _ in range(3):
         trainer.step()
-    natural = trainer.hyperparameters.natural_detached()
-    batch = trainer.training_batch()
-    validation = trainer.validation_batch()
-
-    if trainer.compiled is not None:
-        return fused_cost(trainer, natural, batch, validation)
-
-    def record():
-        return hypergradients.unroll(trainer.problem.install(trainer.weights),
-                                     trainer.state, trainer.optimiser,
-                                     trainer.hyperparameters, trainer.problem.loss, [batch],
-                                     linearise=True)
-    window = record()
-    window.validation_gradient = lambda w: trainer.problem.validation_gradient(w, validation)
-    end = tuple(w.detach() for w in window.end)
-    vector = window.validation_gradient(end)
-    products = trainer.method.rollback_distance - 1
+    program, state = trainer.step_program, trainer.state
+    batches = trainer.samplers.batches(trainer.program, trainer.network_weight_steps)
+    training, validation = batches["training"], batches["validation"]
     parts = interleaved_microseconds({
-        "ordinary step": lambda: trainer.weight_step_(natural),
-        "recorded step": record,
-        "validation gradient": lambda: window.validation_gradient(end),
-        "Hessian-vector product": lambda: window.hessian_product(vector)})
-    fast = parts.pop("ordinary step")
-    parts[f"{products} Hessian-vector products"] = products * parts.pop("Hessian-vector product")
+        "plain weight step": lambda: program.weight_step_function(state, training[0]),
+        "hyperparameter update": lambda: program.hyperparameter_update_function(
+            state, training[-1:], validation)})
+    fast = parts.pop("plain weight step")
     steps = trainer.network_weight_steps
-    floor = ((steps - 1) * fast + sum(parts.values())) / (steps * fast)
-    return fast, parts, floor
+    return fast, parts, ((steps - 1) * fast + parts["hyperparameter update"]) / (steps * fast)
 
 
-def fused_cost(trainer, natural, batch, validation):
-    """``compile: true``: the fused hyperparameter step
-    (:func:`compiled.fused_hyperparameter_step`), timed alone, against an
-    ordinary compiled step; the floor is the ratio if nothing else cost
-    anything. The hyperparameters it updates are put back afterwards."""
-    compiled = trainer.compiled
-    with compiled.restoring_state():
-        parts = interleaved_microseconds({
-            "ordinary step": lambda: trainer.weight_step_(natural),
-            "fused hyperparameter step": lambda: compiled.hyperparameter_step(
-                trainer.weights, trainer.state, *batch, *validation)})
-    fast = parts.pop("ordinary step")
-    steps = trainer.network_weight_steps
-    return fast, parts, ((steps - 1) * fast + parts["fused hyperparameter step"]) / (steps * fast)
+def population_speed(size, device, repeats=5, hyperparameter_steps=3):
+    """UCI energy: member weight steps per second of one vmapped pure step
+    over ``size`` members (``natural_sgd`` draws) against the single-run
+    pure step, interleaved, best block; no logging, no samplers (full batch)."""
+    import generators
+    from step import stack, vectorised
+    lines = []
+    for algorithm in ("Random", "Ours_LR_Momentum"):
+        members = [{"overrides": {**override, "device": str(device)}, "run_dir": None,
+                    "name": None} for override in generators.generate("natural_sgd", size, 0)]
+        with tempfile.TemporaryDirectory() as log_root:
+            cfg, program, built, _ = train.build_members(
+                [ROOT / "configs" / "uci_energy.yaml", ROOT / "configs" / f"{algorithm}.yaml"],
+                members, log_root, None, None)
+            for member in built:
+                member.tracker.close()
+        population, single = program.wrapped(vectorised), program
+        states = {"population": stack([m.state for m in built]), "single": built[0].state}
+        steps = cfg["network_weight_steps"]
+        batches = {"training": [None] * steps, "validation": None}
+        runners = {"population": population, "single": single}
+
+        def block(name):
+            state = states[name]
+            for _ in range(hyperparameter_steps):
+                state, _ = runners[name].step(state, batches)
+            state["weights"][0].sum().item()
+
+        best = interleaved_microseconds({name: lambda n=name: block(n) for name in runners},
+                                        count=1, repeats=repeats)
+        per_step = {name: value / (hyperparameter_steps * steps) for name, value in best.items()}
+        together = size / per_step["population"] * 1e6
+        alone = 1 / per_step["single"] * 1e6
+        lines.append(f"  {algorithm:18s} N={size}: {together:8.0f} member weight steps/s "
+                     f"vectorised, {alone:6.0f} for one run alone ({together / alone:.1f}x)")
+    return lines
 
 
 def main():
@@ -163,9 +170,15 @@ def main():
                         help="compile: true for Random and Ours_LR_Momentum")
     parser.add_argument("--whole-runs", type=int, default=3,
                         help="whole 4,000-step runs per algorithm (best taken)")
+    parser.add_argument("--population", type=int, metavar="N",
+                        help="only: UCI-energy populations of N members against one run")
     arguments = parser.parse_args()
     torch.set_num_threads(arguments.threads)
     device = torch.device(arguments.device)
+    if arguments.population:
+        print(f"device {device}, {torch.get_num_threads()} thread(s), torch {torch.__version__}")
+        print("\n".join(population_speed(arguments.population, device)))
+        return
     workloads = {"UCI energy (8-50-1, batch 614)": ("uci_energy.yaml", None),
                  "Fashion-MNIST-shaped (784-50-10, batch 50)":
                      ("fashion_mnist.yaml", fashion_mnist_shaped(device))}
@@ -190,9 +203,8 @@ def main():
             label = name + (" (eager)" if arguments.compile and name not in COMPILABLE else "")
             print(f"  {label:26s} {best[name]:9.0f} weight steps/s   "
                   f"time ratio to Random {best['Random'] / best[name]:.2f}x")
-        fast, parts, floor = autograd_floor(trainers["Ours_LR_Momentum"])
-        kind = "fused-step" if arguments.compile else "autograd"
-        print(f"  {kind} floor of Ours_LR_Momentum: {floor:.2f}x  (ordinary step {fast:.0f} us; "
+        fast, parts, floor = step_parts(trainers["Ours_LR_Momentum"])
+        print(f"  step-parts floor of Ours_LR_Momentum: {floor:.2f}x  (plain step {fast:.0f} us; "
               + ", ".join(f"{name} {value:.0f} us ({value / fast:.2f} steps)"
                           for name, value in parts.items()) + ")")
     for algorithm in ("Random", "Ours_LR_Momentum"):

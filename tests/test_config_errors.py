@@ -64,8 +64,6 @@ CASES = {
                                     ["model", "63"]),
     "bad override syntax": (None, ["batch_size"], ["--set batch_size", "key=value"]),
     "compile not a boolean": (None, ["compile=2"], ["--set: compile", "true or false"]),
-    "compile with autograd products": (None, ["compile=true", "hypergradient.closed_form=false"],
-                                       ["--set: compile", "true supports", "runs with compile: false"]),
     "compile with batch norm": (None, ["compile=true", "model.batch_norm=true"],
                                 ["compile: true is not supported for models with buffers"]),
 }

@@ -13,18 +13,16 @@ import pytest
 import torch
 
 import hypergradients
+import hyperparameters as hp
 import linear_solvers
-from hyperparameters import Hyperparameters
-from optimisers import OPTIMISERS
+from optimisers import HYPERPARAMETER_OPTIMISERS, OPTIMISERS
 
 TRANSFORMS = {"lr": "10^", "weight_decay": "10^", "momentum": "sigmoid"}
 
 
-def make_hyperparameters(values, optimised, transforms=TRANSFORMS, high_dimensional=(),
-                         shapes=((3, 4), (3,)), dtype=torch.float64):
-    return Hyperparameters(values, transforms=transforms, clipping={}, optimised=optimised,
-                           high_dimensional=high_dimensional, weight_shapes=list(shapes),
-                           device="cpu", dtype=dtype)
+def make_raw(values, high_dimensional=(), shapes=((3, 4), (3,)), dtype=torch.float64):
+    return hp.initial_raw(values, high_dimensional=high_dimensional, weight_shapes=list(shapes),
+                          device="cpu", dtype=dtype)
 
 
 def regression_problem(seed=0, dtype=torch.float64):
@@ -45,17 +43,28 @@ def regression_problem(seed=0, dtype=torch.float64):
     return weights, loss, batches, validation
 
 
+def raw_gradients(method, outcome, natural, transforms, names):
+    """The method's outcome as a flat list of raw-value gradients (per-weight
+    values expanded), in ``names`` order."""
+    grads = outcome.cotangents
+    if method.gradient_space == "raw":
+        grads = hp.natural_vjp(grads, natural, transforms)
+    flat = []
+    for name in names:
+        flat.extend(grads[name] if isinstance(grads[name], tuple) else [grads[name]])
+    return flat
+
+
 def hypergradient_of(method, values, optimised, steps, seed=0, momentum_buffer=0.3,
-                     linearise=False, **kwargs):
+                     transforms=TRANSFORMS, high_dimensional=()):
     weights, loss, batches, validation = regression_problem(seed)
     optimiser = OPTIMISERS.get("SGD")()
     state = {"momentum_buffer": tuple(momentum_buffer * torch.ones_like(w) for w in weights)}
-    hypers = make_hyperparameters(values, optimised, **kwargs)
-    window = hypergradients.unroll(hypergradients.leaves(weights), state, optimiser, hypers, loss,
-                                   [batches[i % len(batches)] for i in range(steps)],
-                                   linearise=linearise)
-    window.validation_loss = lambda w: loss(w, validation)
-    return method.hypergradient(window), window
+    natural = hp.natural(make_raw(values, high_dimensional), transforms)
+    window = hypergradients.Window(loss, optimiser, weights, state, natural, tuple(optimised),
+                                   [batches[i % len(batches)] for i in range(steps)], validation)
+    outcome = method.hypergradient(window)
+    return raw_gradients(method, outcome, natural, transforms, optimised), outcome
 
 
 def validation_after(values, steps, seed=0, momentum_buffer=0.3):
@@ -63,12 +72,10 @@ def validation_after(values, steps, seed=0, momentum_buffer=0.3):
         weights, loss, batches, validation = regression_problem(seed)
         optimiser = OPTIMISERS.get("SGD")()
         state = {"momentum_buffer": tuple(momentum_buffer * torch.ones_like(w) for w in weights)}
-        natural = make_hyperparameters(values, []).natural()
+        natural = hp.natural(make_raw(values), TRANSFORMS)
     for i in range(steps):
-        w = tuple(x.detach().requires_grad_() for x in weights)
-        grads = torch.autograd.grad(loss(w, batches[i % len(batches)]), w)
-        with torch.no_grad():
-            weights, state = optimiser.update(w, grads, state, natural)
+        grads = torch.func.grad(loss)(weights, batches[i % len(batches)])
+        weights, state = optimiser.update(weights, grads, state, natural)
     return loss(weights, validation).item()
 
 
@@ -96,60 +103,45 @@ def test_implicit_with_one_term_equals_one_step_unrolled():
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
 
 
-@pytest.mark.parametrize("linearise", [False, True], ids=["recorded_update", "linearised"])
 @pytest.mark.parametrize("rollback", [1, 5])
 @pytest.mark.parametrize("per_weight", [False, True], ids=["scalar_lr", "per_weight_lr"])
 @pytest.mark.parametrize("optimised", [["lr", "weight_decay", "momentum"], ["weight_decay"]],
                          ids=["all", "weight_decay_only"])
-def test_closed_form_jacobian_products_equal_autograd(rollback, per_weight, optimised, linearise):
-    """SGD's closed-form products and transform derivatives (the fast path,
-    with or without the update itself recorded) against autograd through the
-    recorded update and the transforms."""
+@pytest.mark.parametrize("solver", ["neumann", "cg"])
+def test_closed_form_jacobian_products_equal_autograd(rollback, per_weight, optimised, solver):
+    """SGD's closed-form products (one recorded vjp of the training gradient)
+    against one ``torch.func.vjp`` through the whole update."""
     high_dimensional = ["lr"] if per_weight and "lr" in optimised else []
-    fast, _ = hypergradient_of(hypergradients.Implicit(rollback), VALUES, optimised, 1,
-                               high_dimensional=high_dimensional, linearise=linearise)
-    slow, _ = hypergradient_of(hypergradients.Implicit(rollback, closed_form=False), VALUES,
-                               optimised, 1, high_dimensional=high_dimensional)
+    fast, _ = hypergradient_of(hypergradients.Implicit(rollback, solver), VALUES, optimised, 1,
+                               high_dimensional=high_dimensional)
+    slow, _ = hypergradient_of(hypergradients.Implicit(rollback, solver, closed_form=False),
+                               VALUES, optimised, 1, high_dimensional=high_dimensional)
     assert len(fast) == len(slow)
     for a, b in zip(fast, slow):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-15)
         assert a.abs().sum() > 0
 
 
-def test_linearised_window_refuses_the_autograd_path():
-    with pytest.raises(ValueError, match="linearise=False"):
-        hypergradient_of(hypergradients.Implicit(5, closed_form=False), VALUES, ["lr"], 1,
-                         linearise=True)
-
-
 @pytest.mark.parametrize("transform", ["10^", "exp", "sigmoid", None], ids=str)
 @pytest.mark.parametrize("per_weight", [False, True], ids=["scalar", "per_weight"])
 def test_closed_form_transform_derivatives_equal_autograd(transform, per_weight):
-    raw = {"lr": -0.7, "weight_decay": 0.3, "momentum": 1.2}
-    hypers = make_hyperparameters(raw, ["lr", "weight_decay", "momentum"],
-                                  transforms={name: transform for name in raw},
-                                  high_dimensional=["lr"] if per_weight else [])
-    natural = hypers.natural()
+    raw = make_raw({"lr": -0.7, "weight_decay": 0.3, "momentum": 1.2},
+                   high_dimensional=["lr"] if per_weight else [])
+    transforms = {name: transform for name in raw}
     generator = torch.Generator().manual_seed(1)
+    natural = hp.natural(raw, transforms)
+    cotangents = {name: (tuple(torch.randn(v.shape, generator=generator, dtype=v.dtype)
+                               for v in value) if isinstance(value, tuple)
+                         else torch.randn((), generator=generator, dtype=value.dtype))
+                  for name, value in natural.items()}
+    _, pullback = torch.func.vjp(lambda r: hp.natural(r, transforms), raw)
+    (expected,) = pullback(cotangents)
+    ours = hp.natural_vjp(cotangents, natural, transforms)
+    def flat(grads):
+        return [t for v in grads.values() for t in (v if isinstance(v, tuple) else (v,))]
 
-    def cotangent_like(value):
-        if isinstance(value, tuple):
-            return tuple(torch.randn(v.shape, generator=generator, dtype=v.dtype) for v in value)
-        return torch.randn((), generator=generator, dtype=value.dtype)
-
-    cotangents = {name: cotangent_like(value) for name, value in natural.items()}
-    outputs, vectors = [], []
-    for name in hypers.optimised:
-        values = natural[name] if isinstance(natural[name], tuple) else (natural[name],)
-        cots = cotangents[name] if isinstance(cotangents[name], tuple) else (cotangents[name],)
-        outputs.extend(values)
-        vectors.extend(cots)
-    expected = torch.autograd.grad(outputs, hypers.leaves(), vectors)
-    detached = {name: (tuple(v.detach() for v in value) if isinstance(value, tuple)
-                       else value.detach()) for name, value in natural.items()}
-    ours = hypers.natural_vjp(cotangents, detached)
-    assert len(ours) == len(expected) == (4 if per_weight else 3)
-    for a, b in zip(ours, expected):
+    assert len(flat(ours)) == (4 if per_weight else 3)
+    for a, b in zip(flat(ours), flat(expected)):
         torch.testing.assert_close(a, b, rtol=1e-14, atol=0.0)
 
 
@@ -157,8 +149,8 @@ def test_baydin_matches_closed_form():
     """Plain SGD, natural learning rate: dL_V(w_1)/dα = -∇L_V(w_1) · ∇L_T(w_0)."""
     values = {"lr": 0.1, "weight_decay": 0.0, "momentum": 0.0}
     transforms = {}
-    (grad,), window = hypergradient_of(hypergradients.Baydin(), values, ["lr"], 1,
-                                       momentum_buffer=0.0, transforms=transforms)
+    (grad,), _ = hypergradient_of(hypergradients.Baydin(), values, ["lr"], 1,
+                                  momentum_buffer=0.0, transforms=transforms)
     weights, loss, batches, validation = regression_problem()
     w0 = tuple(w.detach().requires_grad_() for w in weights)
     training_grad = torch.autograd.grad(loss(w0, batches[0]), w0)
@@ -211,16 +203,20 @@ def quadratic_problem(dimension=6, seed=0):
 
 def implicit_on_quadratic(terms, solver, lr=0.8, closed_form=True):
     optimum, training_loss, validation_loss, decay, exact = quadratic_problem()
-    hypers = make_hyperparameters({"lr": lr, "weight_decay": decay, "momentum": 0.0},
-                                  ["lr", "weight_decay"], transforms={}, shapes=[optimum.shape])
+    natural = {"lr": torch.tensor(lr, dtype=torch.float64),
+               "weight_decay": torch.tensor(decay, dtype=torch.float64),
+               "momentum": torch.tensor(0.0, dtype=torch.float64)}
     optimiser = OPTIMISERS.get("SGD")()
-    state = optimiser.init((optimum,))
-    window = hypergradients.unroll(hypergradients.leaves((optimum,)), state, optimiser, hypers, training_loss, [None])
-    window.validation_loss = validation_loss
+
+    def loss(weights, split):
+        return training_loss(weights, None) if split == "training" else validation_loss(weights)
+
+    window = hypergradients.Window(loss, optimiser, (optimum,), optimiser.init((optimum,)),
+                                   natural, ("lr", "weight_decay"), ["training"], "validation")
     method = hypergradients.Implicit(rollback_distance=terms, solver=solver,
                                      closed_form=closed_form)
-    lr_grad, decay_grad = method.hypergradient(window)
-    return lr_grad, decay_grad, exact
+    cotangents = method.hypergradient(window).cotangents
+    return cotangents["lr"], cotangents["weight_decay"], exact
 
 
 @pytest.mark.parametrize("closed_form", [True, False], ids=["closed_form", "autograd"])
@@ -246,6 +242,22 @@ def test_linear_solvers_reject_bad_step_counts():
         linear_solvers.neumann(lambda v: v, (torch.ones(2),), 0)
 
 
+def test_baydin_natural_gradient_space_skips_the_transform():
+    """``gradient_space: natural`` (the paper's code): the outer optimiser
+    gets ``-∇L_V(w_1)·∇L_T(w_0)`` itself as the gradient of the stored log10
+    learning rate; ``raw`` gets it times ``lr·ln 10``."""
+    values = {"lr": -1.0, "weight_decay": -30.0, "momentum": -30.0}
+    (raw,), _ = hypergradient_of(hypergradients.Baydin(), values, ["lr"], 1,
+                                 momentum_buffer=0.0)
+    (natural,), _ = hypergradient_of(hypergradients.Baydin(gradient_space="natural"), values,
+                                     ["lr"], 1, momentum_buffer=0.0)
+    torch.testing.assert_close(raw, natural * 0.1 * torch.log(torch.tensor(10.0,
+                                                                          dtype=torch.float64)),
+                               rtol=1e-12, atol=0.0)
+    with pytest.raises(ValueError, match="gradient_space"):
+        hypergradients.Baydin(gradient_space="log")
+
+
 @pytest.mark.parametrize("optimiser_name", ["SGD", "Adam"])
 @pytest.mark.parametrize("per_weight", [False, True], ids=["scalar", "per_weight"])
 def test_differentiable_optimisers_match_torch_optim(optimiser_name, per_weight):
@@ -268,15 +280,16 @@ def test_differentiable_optimisers_match_torch_optim(optimiser_name, per_weight)
     optimiser = OPTIMISERS.get(optimiser_name)()
     state = optimiser.init(weights)
     names = [name for name, _ in model.named_parameters()]
+
+    def loss(w):
+        output = torch.func.functional_call(model, dict(zip(names, w)), (inputs,))
+        return torch.nn.functional.mse_loss(output, targets)
+
     for _ in range(7):
         reference.zero_grad()
         torch.nn.functional.mse_loss(model(inputs), targets).backward()
         reference.step()
-        w = tuple(x.requires_grad_() for x in weights)
-        output = torch.func.functional_call(model, dict(zip(names, w)), (inputs,))
-        grads = torch.autograd.grad(torch.nn.functional.mse_loss(output, targets), w)
-        with torch.no_grad():
-            weights, state = optimiser.update(w, grads, state, hypers)
+        weights, state = optimiser.update(weights, torch.func.grad(loss)(weights), state, hypers)
         for ours, theirs in zip(weights, model.parameters()):
             torch.testing.assert_close(ours, theirs.detach(), rtol=1e-12, atol=1e-13)
 
@@ -298,38 +311,39 @@ def test_memory_stays_flat_across_hyperparameter_steps(algorithm, digits_trainer
         trainer.step()
     after = count_tensors()
     assert after <= before + 2, (before, after)
-    assert all(w.grad_fn is None for w in trainer.weights)
+    assert all(w.grad_fn is None and not w.requires_grad for w in trainer.weights)
 
 
 @pytest.mark.parametrize("name, options, reference", [
     ("Adam", {"lr": 0.05, "betas": (0.8, 0.99), "eps": 1e-6},
      lambda p: torch.optim.Adam(p, lr=0.05, betas=(0.8, 0.99), eps=1e-6)),
     ("SGD", {"lr": 0.01, "momentum": 0.9}, lambda p: torch.optim.SGD(p, lr=0.01, momentum=0.9)),
-], ids=["Adam", "SGD"])
+    ("SGD_plain", {"lr": 0.01}, lambda p: torch.optim.SGD(p, lr=0.01)),
+], ids=["Adam", "SGD", "SGD_plain"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
-def test_hyperparameter_optimisers_match_torch_optim(name, options, reference, dtype):
-    """The outer optimisers (functional kernels, no ``.grad``) against
-    ``torch.optim`` step for step, and through a state_dict round trip."""
-    from optimisers import HYPERPARAMETER_OPTIMISERS
+def test_hyperparameter_optimisers_match_torch_optim(name, options, reference, dtype, tmp_path):
+    """The pure outer optimisers against ``torch.optim`` step for step, with
+    their state saved and loaded (``weights_only=True``) half way."""
     generator = torch.Generator().manual_seed(0)
-    initial = [torch.randn((), generator=generator, dtype=dtype),
-               torch.randn(3, 4, generator=generator, dtype=dtype)]
-    ours = [t.clone().requires_grad_() for t in initial]
-    theirs = [t.clone().requires_grad_() for t in initial]
-    optimiser = HYPERPARAMETER_OPTIMISERS.build({"class": name, **options}, "test", params=ours)
+    initial = {"a": torch.randn((), generator=generator, dtype=dtype),
+               "b": tuple(torch.randn(3, 4, generator=generator, dtype=dtype) for _ in range(2))}
+    optimiser = HYPERPARAMETER_OPTIMISERS.build({"class": name.split("_")[0], **options}, "test")
+    params, state = initial, optimiser.init(initial)
+    theirs = [initial["a"].clone().requires_grad_()] + [t.clone().requires_grad_()
+                                                        for t in initial["b"]]
     expected = reference(theirs)
     for step in range(6):
-        grads = [torch.randn(t.shape, generator=generator, dtype=dtype) for t in initial]
-        if step == 3:  # resume into a fresh optimiser over the same leaves
-            saved = optimiser.state_dict()
-            optimiser = HYPERPARAMETER_OPTIMISERS.build({"class": name, **options}, "test",
-                                                        params=ours)
-            optimiser.load_state_dict(saved)
-        optimiser.step(grads)
-        for leaf, grad in zip(theirs, grads):
+        grads = {"a": torch.randn((), generator=generator, dtype=dtype),
+                 "b": tuple(torch.randn(3, 4, generator=generator, dtype=dtype)
+                            for _ in range(2))}
+        if step == 3:
+            torch.save(state, tmp_path / "outer.pt")
+            state = torch.load(tmp_path / "outer.pt", weights_only=True)
+        params, state = optimiser.update(params, grads, state)
+        for leaf, grad in zip(theirs, [grads["a"], *grads["b"]]):
             leaf.grad = grad
         expected.step()
-        for a, b in zip(ours, theirs):
-            tolerance = 1e-6 if dtype == torch.float32 else 1e-14
-            torch.testing.assert_close(a.detach(), b.detach(), rtol=tolerance, atol=tolerance)
-    assert not torch.equal(ours[1].detach(), initial[1])
+        tolerance = 1e-6 if dtype == torch.float32 else 1e-14
+        for a, b in zip([params["a"], *params["b"]], theirs):
+            torch.testing.assert_close(a, b.detach(), rtol=tolerance, atol=tolerance)
+    assert not torch.equal(params["b"][0], initial["b"][0])

@@ -272,27 +272,38 @@ def test_dataset_configs_build_a_matching_model_and_loss(config_name):
     assert value.ndim == 0 and torch.isfinite(value)
 
 
-def test_validation_twin_gives_the_functional_gradient_and_shares_running_stats():
-    """``Problem.validation_gradient`` (a twin module, parameters installed)
-    equals the gradient through ``functional_call``, updates the *same*
-    batch-norm statistics, and leaves the model's own parameters alone."""
-    from engine import Problem
+def test_step_loss_gives_the_functional_gradient_and_owns_the_running_stats():
+    """The pure step's loss (``Program.loss_with``) on a batch-norm model
+    equals the gradient through ``functional_call`` on the same buffers,
+    leaves the model's own parameters and the given buffers alone, and
+    ``Program.updated_buffers`` gives the statistics an eager training-mode
+    forward pass would."""
+    from step import Program
+    import hypergradients
+    from optimisers import OPTIMISERS
     torch.manual_seed(0)
     model = models.build_model({"class": "MLP", "layer_sizes": [64, 8, 10], "batch_norm": True},
                                DIGITS).double()
-    problem = Problem(model, CROSS_ENTROPY, DIGITS)
+    program = Program(model=model, loss_function=CROSS_ENTROPY, data=DIGITS,
+                      optimiser=OPTIMISERS.get("SGD")(), method=hypergradients.NoHypergradient(),
+                      outer=None, transforms={}, clipping={}, optimised=[],
+                      network_weight_steps=1)
     own = [p.detach().clone() for p in model.parameters()]
     weights = tuple(p.detach() + 0.1 * torch.randn_like(p) for p in model.parameters())
     batch = (torch.randn(16, 1, 8, 8, dtype=torch.float64) + 3.0, torch.randint(0, 10, (16,)))
+    buffers = {name: value.clone() for name, value in model.named_buffers()}
     reference_buffers = {name: value.clone() for name, value in model.named_buffers()}
     leaves = tuple(w.clone().requires_grad_() for w in weights)
     expected = torch.autograd.grad(
-        loss_fn(model, dict(zip(problem.names, leaves)), reference_buffers, *batch, CROSS_ENTROPY),
+        loss_fn(model, dict(zip(program.names, leaves)), reference_buffers, *batch, CROSS_ENTROPY),
         leaves)
-    ours = problem.validation_gradient(weights, batch)
+    ours = grad(program.loss_with(buffers))(weights, batch)
     for a, b in zip(ours, expected):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
-    for name, value in model.named_buffers():  # the twin updated the model's own statistics
-        assert torch.equal(value, reference_buffers[name]), name
-    assert model.layers[2].num_batches_tracked.item() == 1
+    assert all(torch.equal(buffers[name], value) for name, value in model.named_buffers())
+    updated = program.updated_buffers(weights, buffers, batch[0])
+    for name, value in reference_buffers.items():  # the eager forward's statistics
+        assert torch.equal(updated[name], value), name
+    assert updated["layers.2.num_batches_tracked"].item() == 1
+    assert buffers["layers.2.num_batches_tracked"].item() == 0
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), own))

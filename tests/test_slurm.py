@@ -231,3 +231,72 @@ def test_preemption_checkpoints_the_current_step_not_the_last_periodic_one(slurm
     assert lost <= 1, (before[-1], resumed_from)
     logs = "".join(path.read_text() for path in (tmp_path / "logs").rglob("*_log.*"))
     assert "this job is preempted" in logs and "Calling checkpoint method" in logs
+
+
+def test_populations_run_as_one_array_task_each(slurm_cluster, tmp_path):
+    import train
+    if not hasattr(train, "main_population"):
+        pytest.skip("train.py has no population engine yet (train.main_population, issue #11 part 1)")
+    arguments = ["-c", ENERGY, "--algorithms", "Random", "Ours_LR", "--repetitions", "3",
+                 "--population-size", "2", "--executor", "slurm", "--slurm", LOCAL_SLURM,
+                 "-l", str(tmp_path), "-g", "populations", "--set", "hyperparameter_steps=20",
+                 "--no-progress"]
+    assert parallel_exec.main(arguments) == 0
+    summary = json.loads((tmp_path / "populations" / "summary.json").read_text())
+    assert summary["counts"] == {"finished": 6} and summary["launched"] == 6
+    assert [(p["algorithm"], p["repetitions"]) for p in summary["populations"]] == [
+        ("Random", [0, 1]), ("Random", [2]), ("Ours_LR", [0, 1]), ("Ours_LR", [2])]
+    job_of = {}
+    for line in summary["runs"]:
+        run_dir = Path(line["run_dir"])
+        assert run_dir == (tmp_path / "populations" / "uci_energy" / line["algorithm"]
+                           / f"rep_{line['repetition']}").resolve()
+        results = json.loads((run_dir / "results.json").read_text())
+        assert results["status"] == "finished" and results["hyperparameter_steps_done"] == 20
+        job_of[(line["algorithm"], line["repetition"])] = (run_dir / executors.SLURM_JOB_FILE).read_text().strip()
+    # One array task per population: its members share the task, the populations do not.
+    for algorithm in ("Random", "Ours_LR"):
+        assert job_of[(algorithm, 0)] == job_of[(algorithm, 1)] != job_of[(algorithm, 2)]
+    job_ids = sorted(set(job_of.values()))
+    assert len(job_ids) == 4 and all(re.fullmatch(r"\d+_\d+", job_id) for job_id in job_ids)
+    wait_for(lambda: set(sacct_states(job_ids).values()) == {"COMPLETED"}, 60,
+             "SLURM accounting to show every population's array task COMPLETED")
+    assert parallel_exec.main(arguments) == 0  # everything done: nothing submitted
+    summary = json.loads((tmp_path / "populations" / "summary.json").read_text())
+    assert summary["launched"] == 0 and summary["skipped"] == 6
+
+
+def test_preempted_population_requeues_and_resumes_to_the_same_results(slurm_cluster, tmp_path):
+    import train
+    if not hasattr(train, "main_population"):
+        pytest.skip("train.py has no population engine yet (train.main_population, issue #11 part 1)")
+    stack = [ENERGY, str(REPOSITORY / "configs" / "Ours_LR_Momentum.yaml")]
+    common = {"hyperparameter_steps": 400, "checkpoint_every": 20}
+    overrides = [{**common, "seed": seed, "network_weight.lr": lr}
+                 for seed, lr in ((3, -2.5), (4, -3.0), (5, -2.0))]
+    members = [{"overrides": o, "run_dir": str(tmp_path / f"member_{k}"), "name": None}
+               for k, o in enumerate(overrides)]
+    executor = executors.make_executor("slurm", tmp_path / "logs", slurm_config=LOCAL_SLURM)
+    [handle] = executor.map(executors.PopulationRun(), [{"config": stack, "members": members}],
+                            label="Ours_LR_Momentum")
+    assert all((tmp_path / f"member_{k}" / executors.SLURM_JOB_FILE).read_text().strip() == handle.job_id
+               for k in range(3))
+    wait_for(lambda: all((tmp_path / f"member_{k}" / "checkpoint.pt").exists() for k in range(3)), 180,
+             "the population's first checkpoints")
+    handle._interrupt()  # preemption: SIGTERM, then USR2 -> checkpoint() -> requeue
+    results = handle.result()
+    # The uninterrupted population, in this process (population against runs alone is
+    # test_population_fanout's and the engine's tests' business).
+    reference = train.main_population(stack, [{**m, "run_dir": str(tmp_path / f"reference_{k}")}
+                                               for k, m in enumerate(members)], progress=False)
+    assert [r["run_dir"] for r in results] == [m["run_dir"] for m in members]
+    for got, expected in zip(results, reference):
+        assert got["status"] == "finished" and got["hyperparameter_steps_done"] == 400
+        for key in ("Loss/Training", "Loss/Validation", "Loss/Test"):
+            assert got["final"][key] == pytest.approx(expected["final"][key], rel=1e-6, abs=1e-9)
+    logs = "".join(path.read_text() for path in (tmp_path / "logs").rglob("*_log.*"))
+    assert "this job is preempted" in logs and "Calling checkpoint method" in logs
+    output = subprocess.run(["sacct", "-n", "-X", "-D", "-P", "-o", "JobID,State", "-j", handle.job_id],
+                            capture_output=True, text=True, check=True).stdout
+    states = [line.split("|")[1] for line in output.split()]
+    assert states[0] == "REQUEUED" and states[-1] == "COMPLETED", output

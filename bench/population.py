@@ -1,0 +1,272 @@
+"""Member weight steps per second of vectorised populations against separate runs.
+
+    python bench/population.py [--sizes 1 8 64 256 1024] [--max-size 64]
+        [--hyperparameter-steps 20] [--algorithms Random Ours_LR_Momentum DiffThroughOpt]
+        [--baseline-hyperparameter-steps 400] [--workloads uci fashion] [--threads 1] [--processes 2]
+        [--campaign [--campaign-repetitions 200] [--campaign-population-size 100]
+                    [--campaign-sample 4] [--workers 2]]
+
+Workloads: UCI energy (MLP 8-50-1, full batch of 614; real data from
+$HYPERGRAD_DATA) and the Fashion-MNIST shape (MLP 784-50-10, batch 50): the
+real files when $HYPERGRAD_DATA/FashionMNIST/raw holds them, otherwise
+synthetic images and labels of that shape written in torchvision's format
+to a temporary data root (the output says which).
+
+Everything goes through the public entry points, so it measures what users
+get: ``train.py`` as separate processes (the whole process: start-up,
+imports, data loading, training, logging; how ``parallel_exec.py`` ran each
+run before populations), ``train.main`` in this process (data loading,
+training and logging; after one warm-up call), and ``train.main_population``
+for populations of N members, each with its own ``natural_sgd``
+initialisation and seed (the draws ``parallel_exec.py`` makes). Throughput is
+member weight steps per second of the whole call; ``loop`` is the training
+loop alone (each result's ``wall_time_s``). ``--campaign`` times a whole
+UCI-energy campaign (200 inits x 7 algorithms x 4,000 weight steps) through
+``parallel_exec.py`` with ``--population-size``, against the per-run fan-out
+estimated from ``--campaign-sample`` repetitions per algorithm (measured,
+then scaled; the output says so).
+"""
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import generators  # noqa: E402
+import train  # noqa: E402
+
+# The shared data root, as the tests use it, unless the user chose one (child processes inherit it).
+os.environ.setdefault("HYPERGRAD_DATA", str(ROOT.parent / "shared" / "data"))
+
+ALGORITHMS = ["Random", "Ours_LR_Momentum", "DiffThroughOpt"]
+FULL_CAMPAIGN = 200  # initialisations per algorithm in the issue's campaign
+CAMPAIGN = ["Random", "Baydin", "Lorraine", "Ours_LR", "Ours_LR_Momentum", "Ours_HDLR_Momentum",
+            "DiffThroughOpt"]
+FASHION_FILES = {"train-images-idx3-ubyte": (60000, 28, 28), "train-labels-idx1-ubyte": (60000,),
+                 "t10k-images-idx3-ubyte": (10000, 28, 28), "t10k-labels-idx1-ubyte": (10000,)}
+
+
+def write_idx(path, array):
+    """One file in the MNIST/idx format torchvision reads: magic (unsigned
+    bytes, dimension count), the sizes big-endian, then the bytes."""
+    header = bytes([0, 0, 8, array.ndim]) + b"".join(int(n).to_bytes(4, "big") for n in array.shape)
+    path.write_bytes(header + array.astype(np.uint8).tobytes())
+
+
+def fashion_data_root(scratch):
+    """``(data_root, description)``: the real Fashion-MNIST files if present,
+    else synthetic ones of the same shape under ``scratch``."""
+    real = Path(os.environ["HYPERGRAD_DATA"])
+    if all((real / "FashionMNIST" / "raw" / name).is_file() for name in FASHION_FILES):
+        return str(real), "real Fashion-MNIST"
+    raw = Path(scratch) / "FashionMNIST" / "raw"
+    raw.mkdir(parents=True)
+    generator = np.random.default_rng(0)
+    for name, shape in FASHION_FILES.items():
+        high = 10 if "labels" in name else 256
+        write_idx(raw / name, generator.integers(0, high, size=shape))
+    return str(scratch), "SYNTHETIC data of the Fashion-MNIST shape (real files absent)"
+
+
+def workloads(scratch, chosen):
+    table = {}
+    if "uci" in chosen:
+        table["UCI energy (8-50-1, full batch 614)"] = (["configs/uci_energy.yaml"], {}, "real data")
+    if "fashion" in chosen:
+        root, description = fashion_data_root(scratch)
+        table["Fashion-MNIST shape (784-50-10, batch 50)"] = (
+            ["configs/fashion_mnist.yaml"], {"data_root": root, "dataset.download": False}, description)
+    return table
+
+
+def stack(files, algorithm):
+    return [str(ROOT / name) for name in files] + [str(ROOT / "configs" / f"{algorithm}.yaml")]
+
+
+def member_overrides(count, common):
+    """The fan-out's draws: one ``natural_sgd`` initialisation and seed per member."""
+    return [{**draw, **common} for draw in generators.generate("natural_sgd", count, seed=0)]
+
+
+def weight_steps(result):
+    return result["network_weight_steps_done"]
+
+
+def separate_processes(config, overrides, scratch, threads):
+    """Seconds and weight steps of one whole ``train.py`` process."""
+    arguments = [f"{key}={json.dumps(value) if isinstance(value, bool) else value}"
+                 for key, value in overrides.items()]
+    run_dir = Path(tempfile.mkdtemp(dir=scratch))
+    environment = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    started = time.perf_counter()
+    subprocess.run([sys.executable, str(ROOT / "train.py"), "-c", *config, "--set", *arguments,
+                    "-q", "--run-dir", str(run_dir)], check=True, stdout=subprocess.DEVNULL,
+                   cwd=ROOT, env=environment)
+    seconds = time.perf_counter() - started
+    result = json.loads((run_dir / "results.json").read_text())
+    shutil.rmtree(run_dir, ignore_errors=True)
+    return seconds, weight_steps(result)
+
+
+def in_process(config, overrides, scratch):
+    """Seconds (whole call), loop seconds and weight steps of one ``train.main`` call."""
+    run_dir = tempfile.mkdtemp(dir=scratch)
+    started = time.perf_counter()
+    result = train.main(config, overrides, run_dir=run_dir, progress=False)
+    seconds = time.perf_counter() - started
+    shutil.rmtree(run_dir, ignore_errors=True)
+    return seconds, result["wall_time_s"], weight_steps(result)
+
+
+def population(config, members_overrides, scratch):
+    """Seconds (whole call), loop seconds and total member weight steps of
+    one ``train.main_population`` call, and how many members diverged."""
+    folder = Path(tempfile.mkdtemp(dir=scratch))
+    members = [{"overrides": overrides, "run_dir": str(folder / f"member_{index}"), "name": f"member_{index}"}
+               for index, overrides in enumerate(members_overrides)]
+    started = time.perf_counter()
+    results = train.main_population(config, members, log_root=str(folder), progress=False)
+    seconds = time.perf_counter() - started
+    shutil.rmtree(folder, ignore_errors=True)
+    loop = max(result.get("wall_time_s", seconds) for result in results)
+    diverged = sum(result["status"] != "finished" for result in results)
+    return seconds, loop, sum(weight_steps(result) for result in results), diverged
+
+
+def population_unavailable(config, overrides):
+    if not hasattr(train, "main_population"):
+        return "train.py has no main_population (population engine of issue #11 not present)"
+    refusal = getattr(train, "population_refusal", lambda *_: None)
+    return refusal(config, overrides)
+
+
+def bench_workload(label, files, common, description, arguments, scratch):
+    print(f"\n## {label}: {description}")
+    steps, baseline_steps = arguments.hyperparameter_steps, arguments.baseline_hyperparameter_steps
+    sizes = [n for n in arguments.sizes if n <= arguments.max_size]
+    overrides = member_overrides(max(sizes + [arguments.processes]), {
+        "hyperparameter_steps": steps, "device": "cpu", "log_interval": 100, **common})
+    baseline = [{**member, "hyperparameter_steps": baseline_steps or steps} for member in overrides]
+    rates = {}
+    for algorithm in arguments.algorithms:
+        config = stack(files, algorithm)
+        row = {}
+        timings = [separate_processes(config, baseline[k], scratch, arguments.threads)
+                   for k in range(arguments.processes)]
+        row["separate processes"] = sum(s for _, s in timings) / sum(t for t, _ in timings)
+        in_process(config, overrides[0], scratch)  # warm-up: imports, first-call costs
+        timings = [in_process(config, baseline[k], scratch) for k in range(arguments.processes)]
+        row["in-process runs"] = sum(s for _, _, s in timings) / sum(t for t, _, _ in timings)
+        row["in-process loop"] = sum(s for _, _, s in timings) / sum(l for _, l, _ in timings)
+        reason = population_unavailable(config, overrides[0])
+        if reason:
+            print(f"  {algorithm}: population path unavailable: {reason}")
+        else:
+            for n in sizes:
+                seconds, loop, member_steps, diverged = population(config, overrides[:n], scratch)
+                row[f"N={n}"] = member_steps / seconds
+                row[f"N={n} loop"] = member_steps / loop
+                if diverged:
+                    print(f"  {algorithm} N={n}: {diverged} member(s) diverged (frozen; counted with "
+                          f"the steps they did)")
+        rates[algorithm] = row
+        print(f"  {algorithm:20s} " + "  ".join(f"{key} {value:,.0f}" for key, value in row.items()),
+              flush=True)
+    print(f"  (member weight steps per second of the whole call or process; 'loop': the training "
+          f"loop alone. Populations: {steps} hyperparameter steps per member; separate processes and "
+          f"in-process runs: {baseline_steps or steps}; {arguments.threads} thread(s) per process; "
+          f"ratios below from whole calls)")
+    for algorithm, row in rates.items():
+        for n in sizes:
+            if f"N={n}" in row:
+                print(f"  {algorithm} N={n}: {row[f'N={n}'] / row['separate processes']:.1f}x separate "
+                      f"processes, {row[f'N={n}'] / row['in-process runs']:.1f}x in-process runs "
+                      f"(targets at N=64: 10x and 3x)")
+    if {"Random", "Ours_LR_Momentum"} <= set(rates):
+        ratios = [f"N={n} {rates['Random'][f'N={n}'] / rates['Ours_LR_Momentum'][f'N={n}']:.2f}x"
+                  for n in sizes if f"N={n}" in rates["Ours_LR_Momentum"]]
+        if ratios:
+            print("  Ours_LR_Momentum / Random time ratio inside a population: " + ", ".join(ratios))
+
+
+def fanout_seconds(repetitions, population_size, workers, scratch, group):
+    command = [sys.executable, str(ROOT / "parallel_exec.py"), "-c", str(ROOT / "configs" / "uci_energy.yaml"),
+               "--algorithms", *CAMPAIGN, "--repetitions", str(repetitions), "--workers", str(workers),
+               "-l", str(scratch), "-g", group, "--no-progress", "--set", "device=cpu"]
+    if population_size:
+        command += ["--population-size", str(population_size)]
+    started = time.perf_counter()
+    answer = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+    seconds = time.perf_counter() - started
+    summary = json.loads((Path(scratch) / group / "summary.json").read_text())
+    return seconds, summary, answer.stderr.strip().splitlines()
+
+
+def bench_campaign(arguments, scratch):
+    reps, size, sample = arguments.campaign_repetitions, arguments.campaign_population_size, arguments.campaign_sample
+    runs = reps * len(CAMPAIGN)
+    print(f"\n## Whole UCI-energy campaign: {reps} natural_sgd inits x {len(CAMPAIGN)} algorithms "
+          f"({runs} runs, 4,000 weight steps each), {arguments.workers} workers")
+    seconds, summary, _ = fanout_seconds(sample, None, arguments.workers, scratch, "sample")
+    estimate = seconds * reps / sample
+    print(f"  without populations: {estimate / 60:.1f} min ESTIMATED from a measured sample of "
+          f"{sample} repetitions per algorithm ({sample * len(CAMPAIGN)} runs in {seconds:.0f} s, "
+          f"counts {summary['counts']}), scaled by {reps}/{sample}")
+    seconds, summary, lines = fanout_seconds(reps, size, arguments.workers, scratch, "populations")
+    print(f"  with --population-size {size}: {seconds / 60:.1f} min measured "
+          f"(counts {summary['counts']}, {len(summary.get('populations', []))} populations); "
+          f"{estimate / seconds:.1f}x faster; target under 20 min")
+    for line in lines:
+        if "not vectorised" in line:
+            print(f"  {line}")
+    if reps != FULL_CAMPAIGN:
+        print(f"  scaled linearly to the {FULL_CAMPAIGN}-init campaign ({FULL_CAMPAIGN * len(CAMPAIGN)} runs), "
+              f"ESTIMATES: without populations {estimate * FULL_CAMPAIGN / reps / 60:.0f} min, with "
+              f"{seconds * FULL_CAMPAIGN / reps / 60:.0f} min (populations of {size} at most; larger "
+              f"populations would do better per member than this linear scaling)")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[1, 8, 64, 256, 1024])
+    parser.add_argument("--max-size", type=int, default=1024, help="skip population sizes above this")
+    parser.add_argument("--hyperparameter-steps", type=int, default=20,
+                        help="per run (UCI energy and Fashion-MNIST configs: 10 weight steps each)")
+    parser.add_argument("--baseline-hyperparameter-steps", type=int,
+                        help="per separate process and in-process run (default: as populations); "
+                             "400 is a whole UCI-energy run")
+    parser.add_argument("--algorithms", nargs="+", default=ALGORITHMS)
+    parser.add_argument("--workloads", nargs="*", default=["uci", "fashion"], choices=["uci", "fashion"],
+                        help="none given: only --campaign")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (every path alike)")
+    parser.add_argument("--processes", type=int, default=2,
+                        help="separate processes and in-process runs timed per algorithm")
+    parser.add_argument("--campaign", action="store_true", help="also time a whole campaign (long)")
+    parser.add_argument("--campaign-repetitions", type=int, default=200)
+    parser.add_argument("--campaign-population-size", type=int, default=100)
+    parser.add_argument("--campaign-sample", type=int, default=4,
+                        help="repetitions per algorithm timed without populations (then scaled)")
+    parser.add_argument("--workers", type=int, default=2, help="parallel_exec.py workers for --campaign")
+    arguments = parser.parse_args()
+    torch.set_num_threads(arguments.threads)
+    print(f"bench/population.py: torch {torch.__version__}, {os.cpu_count()} CPU(s), "
+          f"{arguments.threads} thread(s); command: {' '.join(sys.argv)}")
+    with tempfile.TemporaryDirectory() as scratch:
+        for label, (files, common, description) in workloads(scratch, arguments.workloads).items():
+            bench_workload(label, files, common, description, arguments, scratch)
+        if arguments.campaign:
+            bench_campaign(arguments, scratch)
+
+
+if __name__ == "__main__":
+    main()
