@@ -546,17 +546,22 @@ def test_the_battery_is_large():
 
 # ------------------------------------------------------------------ loaders of teachers and commentaries
 
-@pytest.mark.parametrize("loader", ["commentary", "teacher"])
+@pytest.mark.parametrize("loader", ["teacher-file", "train-with-commentary"])
 @pytest.mark.parametrize("content", ["hostile-torch-file", "hostile-raw-pickle", "garbage"])
 def test_teacher_and_commentary_loaders_refuse_hostile_files_and_run_nothing(loader, content, tmp_path):
-    from commentaries import gtn, storage
+    import commentaries
+    from commentaries import storage
+    from commentaries.loop import Context
     from errors import UserError
 
     make = {"hostile-torch-file": lambda: hostile_torch_file(tmp_path, "file.pt"),
             "hostile-raw-pickle": lambda: hostile_raw_pickle(tmp_path, "file.pt"),
             "garbage": lambda: write(tmp_path, "file.pt", BINARY)}[content]
     path = make()
-    load = storage.load_commentary if loader == "commentary" else gtn.load_teacher
+    load = {"teacher-file": storage.load_teacher,
+            "train-with-commentary": lambda file: commentaries.run(
+                {"class": "TrainWithCommentary", "commentary": str(file)},
+                Context(run_dir=tmp_path))}[loader]
     with pytest.raises(UserError) as error:
         load(path)
     assert "file.pt" in str(error.value) and "\n" not in str(error.value)

@@ -128,7 +128,7 @@ def test_a_diverging_member_is_frozen_and_the_others_go_on(tmp_path):
     sources = [CONFIGS / "diabetes.yaml", CONFIGS / "Ours_LR_Momentum.yaml"]
     settings = {"hyperparameter_steps": 12, "log_interval": 20, "device": "cpu",
                 "dtype": "float64"}
-    lrs = [-2.0, 1.5, -2.5]  # the middle one diverges
+    lrs = [-2.0, 0.0, -2.5]  # the middle one (lr 1, the clipping bound) diverges
     members = [{"overrides": {**settings, "network_weight.lr": lr, "seed": k},
                 "run_dir": str(tmp_path / f"m{k}")} for k, lr in enumerate(lrs)]
     population = train.main_population(sources, members, progress=False)
