@@ -77,7 +77,7 @@ def test_campaign_key_population_size(tmp_path):
     options = parallel_exec.resolve_options(parallel_exec.build_parser().parse_args(["--campaign", str(campaign)]))
     assert options["population_size"] == 8
     campaign.write_text(f"config: [{DIGITS}]\nalgorithms: [Random]\npopulation_size: many\n")
-    with pytest.raises(parallel_exec.UserError, match=r"population_size\) must be an integer >= 1, got 'many'"):
+    with pytest.raises(parallel_exec.UserError, match=r"campaign.yaml: population_size: must be an integer >= 1, got 'many'"):
         parallel_exec.resolve_options(parallel_exec.build_parser().parse_args(["--campaign", str(campaign)]))
 
 
