@@ -158,7 +158,8 @@ def fused_hyperparameter_step(loss, optimiser, method, hyperparameters, apply_hy
         validation_grad = grad(loss)(end, validation_inputs, validation_targets)
         hypergradients, _ = method.closed_form_hypergradient(
             validation_grad, linearisation, lambda vector: pullback(vector)[0],
-            lambda cotangents: hyperparameters.natural_vjp(cotangents, natural), optimised)
+            lambda cotangents: hyperparameters.natural_vjp(cotangents, natural), optimised,
+            training_grads=grads)
         return end, new_state, value, apply_hypergradients(hypergradients)
 
     return step

@@ -31,9 +31,11 @@ from registry import closest
 class Sampler:
     """Endless minibatches of indices: a fresh permutation every epoch, the
     incomplete last batch dropped. ``None`` means "the whole split" (batch at
-    least as large as the split), which avoids a gather per step."""
+    least as large as the split, or ``batch_size: full``), which avoids a
+    gather per step."""
 
     def __init__(self, size, batch_size, seed, device):
+        batch_size = size if batch_size == "full" else batch_size
         self.size, self.batch_size, self.device = size, batch_size, device
         self.generator = torch.Generator().manual_seed(seed)
         self.order, self.position = None, 0
@@ -217,6 +219,8 @@ class Trainer:
             where=config.where("network_weight"))
         self.method = hypergradients.METHODS.build(config["hypergradient"],
                                                    config.where("hypergradient"))
+        if hasattr(self.method, "check_hyperparameters"):
+            self.method.check_hyperparameters(self.hyperparameters, config.where("hypergradient"))
         leaves = self.hyperparameters.leaves()
         self.outer = (HYPERPARAMETER_OPTIMISERS.build(config["hyperparameter"],
                                                       config.where("hyperparameter"),

@@ -35,6 +35,7 @@ from typing import Callable
 import torch
 
 import linear_solvers
+from errors import UserError
 from registry import Registry
 
 METHODS = Registry("hypergradient")
@@ -204,12 +205,7 @@ class Implicit:
         return self.closed_form and optimiser.linearisation is not None
 
     def hypergradient(self, window):
-        if window.validation_gradient is not None:
-            validation_grad = window.validation_gradient(tuple(w.detach() for w in window.end))
-        else:
-            end = tuple(w.detach().requires_grad_(True) for w in window.end)
-            validation_grad = torch.autograd.grad(window.validation_loss(end), end)
-
+        validation_grad = _validation_gradient(window)
         if self.closed_form and window.linearisation is not None:
             return self._with_closed_form(window, validation_grad)
         if window.end[0].grad_fn is None:
@@ -228,17 +224,27 @@ class Implicit:
         return grads
 
     def closed_form_hypergradient(self, validation_grad, linearisation, hessian_product,
-                                  natural_vjp, optimised):
+                                  natural_vjp, optimised, training_grads=None):
         """The same computation with the optimiser's closed-form Jacobian
         products and the transforms' closed-form derivatives: only ``H x``
         needs autograd (through the gradient alone). A pure function of its
         inputs, so :mod:`compiled` traces it into one fused hyperparameter
-        step. Returns ``(raw-leaf gradients, solver trajectory)``."""
+        step. Returns ``(raw-leaf gradients, solver trajectory)``.
+        ``training_grads`` (``∇L_T(w_0)``) is unused here; :class:`Baydin`
+        needs it in the natural gradient space."""
         weight_product, hyperparameter_products = linearisation
         inverse_product, trajectory = self.solve(
             lambda v: weight_product(v, hessian_product), validation_grad,
             self.rollback_distance)
         return natural_vjp(hyperparameter_products(inverse_product, optimised)), trajectory
+
+
+def _validation_gradient(window):
+    """``∇L_V(w_K)`` at the window's end, with no graph kept."""
+    if window.validation_gradient is not None:
+        return window.validation_gradient(tuple(w.detach() for w in window.end))
+    end = tuple(w.detach().requires_grad_(True) for w in window.end)
+    return torch.autograd.grad(window.validation_loss(end), end)
 
 
 def _vjp(outputs, inputs, vector=None, retain_graph=True):
@@ -249,9 +255,66 @@ def _vjp(outputs, inputs, vector=None, retain_graph=True):
     return tuple(torch.zeros_like(x) if g is None else g for x, g in zip(inputs, grads))
 
 
+GRADIENT_SPACES = ("raw", "natural")
+
+
 @METHODS.register("Baydin")
 class Baydin(Implicit):
-    """Greedy one-step hypergradient (hypergradient descent)."""
+    """Greedy one-step hypergradient (hypergradient descent).
 
-    def __init__(self):
+    ``gradient_space`` says what the outer optimiser is handed as the
+    gradient of the stored (raw, e.g. log10) learning rate:
+
+    * ``raw`` (default): the exact chain rule through the update and the
+      transform, ``∂L_V(w_1)/∂w_1 · ∂u/∂α · dα/d raw``. Under ``10^`` that is
+      ``α ln10`` times the natural-space hypergradient, so an outer SGD with
+      a fixed step barely moves a small learning rate.
+    * ``natural``: what the paper's code does (``BaydinHypergradientDescent.step``
+      in Clarke et al.'s ``optimisers.py``) and Baydin et al. (2018) step with:
+      the natural-space hypergradient ``-∇L_V(w_1) · ∇L_T(w_0)`` (the loss
+      gradients alone, whatever the momentum and weight decay), handed over
+      as the gradient of the stored value. One product per weight tensor
+      for a per-weight learning rate. Only the learning rate may be optimised.
+    """
+
+    def __init__(self, gradient_space="raw"):
+        if gradient_space not in GRADIENT_SPACES:
+            raise ValueError(f"`gradient_space` must be one of {', '.join(GRADIENT_SPACES)}, "
+                             f"got {gradient_space!r}")
         super().__init__(rollback_distance=1, solver="neumann")
+        self.gradient_space = gradient_space
+        self.per_weight = False  # set by check_hyperparameters
+
+    def check_hyperparameters(self, hyperparameters, where):
+        """Called by the engine once the hyperparameters exist: ``natural`` is
+        defined for the learning rate alone."""
+        if self.gradient_space == "natural" and list(hyperparameters.optimised) != ["lr"]:
+            raise UserError(f"{where}: gradient_space: natural optimises the learning rate "
+                            f"alone (optimised_hyperparameters: [lr]), got "
+                            f"{list(hyperparameters.optimised)}")
+        self.per_weight = "lr" in hyperparameters.high_dimensional
+
+    def hypergradient(self, window):
+        if self.gradient_space == "raw":
+            return super().hypergradient(window)
+        return natural_learning_rate_hypergradient(_validation_gradient(window),
+                                                   window.last_grads, window.hyperparameters)
+
+    def closed_form_hypergradient(self, validation_grad, linearisation, hessian_product,
+                                  natural_vjp, optimised, training_grads=None):
+        if self.gradient_space == "raw":
+            return super().closed_form_hypergradient(validation_grad, linearisation,
+                                                     hessian_product, natural_vjp, optimised)
+        products = torch._foreach_mul(validation_grad, training_grads)
+        torch._foreach_neg_(products)
+        return (list(products) if self.per_weight else [sum(p.sum() for p in products)]), None
+
+
+def natural_learning_rate_hypergradient(validation_grad, training_grads, leaves):
+    """``-∇L_V(w_1) · ∇L_T(w_0)`` per learning-rate leaf: one 0-d tensor for
+    a scalar learning rate, ``-∇L_V ⊙ ∇L_T`` per weight tensor for per-weight ones."""
+    with torch.no_grad():
+        products = [-(v * t.detach()) for v, t in zip(validation_grad, training_grads)]
+    if len(leaves) == 1 and leaves[0].dim() == 0:
+        return [sum(p.sum() for p in products)]
+    return products
