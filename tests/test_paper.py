@@ -252,3 +252,14 @@ def test_random_variants_train_on_the_papers_rows(algorithm, rows, tmp_path):
                   **{"transformed_hyperparameters.lr": None, "network_weight.lr": 0.0,
                      "hyperparameter_steps": 1})
     assert results["final"]["Loss/Training"] == pytest.approx(expected[rows], rel=1e-12)
+
+
+def test_diverging_per_weight_learning_rates_end_as_diverged(tmp_path):
+    """A per-weight learning-rate run that diverges is recorded as diverged,
+    not failed on logging the non-finite learning rates' histogram (one of
+    20 UCI-energy Ours_HDLR_Momentum runs did)."""
+    results = run([CONFIGS / "diabetes.yaml", CONFIGS / "Ours_HDLR_Momentum.yaml"], tmp_path,
+                  **{"network_weight.lr": 1.5, "hyperparameter_clipping.lr": [-10.0, 2.0],
+                     "hyperparameter_steps": 50, "log_interval": 10, "device": "cpu"})
+    assert results["status"] == "diverged"
+    assert results["network_weight_steps_done"] < 500
