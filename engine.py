@@ -131,6 +131,9 @@ def build_program(config, problem, device, dtype):
     initial.update(configured)
     method = hypergradients.METHODS.build(config["hypergradient"], config.where("hypergradient"))
     optimised = [name for name in initial if name in config["optimised_hyperparameters"]]
+    refusal = getattr(method, "check_optimised", lambda names: None)(optimised)
+    if refusal:
+        raise UserError(f"{config.where('hypergradient')}: {refusal}")
     if optimised and isinstance(method, hypergradients.NoHypergradient):
         raise UserError(f"{config.where('optimised_hyperparameters')}: hyperparameters are "
                         f"optimised but hypergradient.class is None")

@@ -192,3 +192,26 @@ class Baydin(Implicit):
 
     def __init__(self, gradient_space="raw"):
         super().__init__(rollback_distance=1, solver="neumann", gradient_space=gradient_space)
+
+    def check_optimised(self, names):
+        """The reason ``names`` cannot be optimised by this method, or None."""
+        if self.gradient_space == "natural" and list(names) != ["lr"]:
+            return (f"gradient_space: natural optimises the learning rate alone "
+                    f"(optimised_hyperparameters: [lr]), got {list(names)}")
+        return None
+
+    def hypergradient(self, window):
+        """``natural``: as the paper's code (``BaydinHypergradientDescent``)
+        and Baydin et al.'s SGD-HD, the loss gradients alone,
+        ``-∇L_V(w_1) · ∇L_T(w_0)`` (elementwise for a per-weight lr), whatever
+        the momentum and weight decay; no second-order term is needed."""
+        if self.gradient_space == "raw":
+            return super().hypergradient(window)
+        (batch,), optimiser = window.batches, window.optimiser
+        grads, value = grad_and_value(window.loss)(window.weights, batch)
+        end, state = optimiser.update(window.weights, grads, window.state, window.natural)
+        validation_grad = grad(window.loss)(end, window.validation)
+        products = tuple(-v * g for v, g in zip(validation_grad, grads))
+        lr = (products if isinstance(window.natural["lr"], tuple)
+              else sum(p.sum() for p in products))
+        return Outcome(end, state, value, [window.weights], {"lr": lr})

@@ -14,6 +14,10 @@ them (with TensorBoard's own ``EventAccumulator``), and writes into RUNS_DIR:
   paper's main figure; diverged runs never arrive, so their curve stops short of 1);
 - ``trajectories_<dataset>.png``: median metric against weight step, with the
   median learning rate, weight decay and momentum below it;
+- ``paper_table.csv`` and the first section of ``report.md``: the paper's
+  table -- per dataset and algorithm, runs, diverged, median and mean +-
+  standard error of the final test loss (normalised, and for UCI also the
+  unnormalised MSE), training cost relative to Random;
 - ``report.md`` with the tables and both plots.
 
 Diverged runs count as +inf: they move the median and the CDF, and are left
@@ -184,6 +188,73 @@ def summarise(runs, campaigns, failures, metric):
     return rows
 
 
+PAPER_METRICS = (("Loss/Test", "test loss"), ("Unnormalised_Loss/Test", "unnormalised test MSE"))
+PAPER_COLUMNS = ("dataset", "algorithm", "runs", "diverged") + tuple(
+    f"{metric} {statistic}" for metric, _ in PAPER_METRICS
+    for statistic in ("median", "mean", "standard_error")) + ("cost_relative_to_random",)
+
+
+def paper_rows(runs, campaigns):
+    """The paper's table: per dataset and algorithm, the runs, how many
+    diverged, median and mean ± standard error of the final normalised test
+    loss and (where reported: UCI) of the unnormalised test MSE, and the
+    training cost relative to Random (median training-loop time; a
+    Bayesian-optimisation campaign costs the total over its trials)."""
+    groups = {}
+    for run in runs:
+        key = (run.get("dataset", "?"), run.get("algorithm", "?"))
+        groups.setdefault(key, {"runs": [], "times": []})
+        groups[key]["runs"].append(run)
+        groups[key]["times"].append(float(run.get("wall_time_s", math.nan)))
+    for campaign in campaigns:
+        key = (campaign.get("dataset", "?"), f"{campaign.get('algorithm', 'BayesOpt')} (BayesOpt)")
+        groups.setdefault(key, {"runs": [], "times": []})
+        groups[key]["runs"].append({"final": campaign.get("final"), "status": "finished"})
+        groups[key]["times"].append(float(campaign.get("total_training_time_s", math.nan)))
+    rows = []
+    for (dataset, algorithm), group in sorted(groups.items()):
+        row = {"dataset": dataset, "algorithm": algorithm, "runs": len(group["runs"]),
+               "diverged": sum(run.get("status") == "diverged" for run in group["runs"]),
+               "median_time_s": float(np.nanmedian(group["times"]))}
+        for metric, _ in PAPER_METRICS:
+            if not any(metric in (run.get("final") or {}) for run in group["runs"]):
+                continue
+            numbers = statistics([final_value(run, metric) for run in group["runs"]])
+            for statistic in ("median", "mean", "standard_error"):
+                row[f"{metric} {statistic}"] = numbers[statistic]
+        rows.append(row)
+    for row in rows:
+        random = next((r for r in rows if r["dataset"] == row["dataset"]
+                       and r["algorithm"] == "Random"), None)
+        row["cost_relative_to_random"] = (row["median_time_s"] / random["median_time_s"]
+                                          if random and random["median_time_s"] > 0 else None)
+    return rows
+
+
+def paper_markdown(rows):
+    """One table per dataset; the unnormalised columns only where the runs report them."""
+    sections = []
+    for dataset in sorted({row["dataset"] for row in rows}):
+        members = [row for row in rows if row["dataset"] == dataset]
+        metrics = [(metric, label) for metric, label in PAPER_METRICS
+                   if any(f"{metric} median" in row for row in members)]
+        header = ["algorithm", "runs", "diverged"]
+        for _, label in metrics:
+            header += [f"median {label}", f"mean ± s.e. {label}"]
+        header.append("cost × Random")
+        lines = [f"### {dataset}\n", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        for row in members:
+            cells = [row["algorithm"], row["runs"], row["diverged"]]
+            for metric, _ in metrics:
+                cells += [format_number(row.get(f"{metric} median", math.nan)),
+                          f"{format_number(row.get(f'{metric} mean', math.nan))} ± "
+                          f"{format_number(row.get(f'{metric} standard_error', math.nan), 2)}"]
+            cells.append(format_number(row["cost_relative_to_random"], 3))
+            lines.append("| " + " | ".join(str(cell) for cell in cells) + " |")
+        sections.append("\n".join(lines) + "\n")
+    return "\n".join(sections)
+
+
 def format_number(value, digits=4):
     if value is None:
         return ""
@@ -210,12 +281,12 @@ def markdown_table(rows, metric):
     return "\n".join(lines)
 
 
-def csv_text(rows):
+def csv_text(rows, columns=COLUMNS):
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=COLUMNS, lineterminator="\n")
+    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
     writer.writeheader()
     for row in rows:
-        writer.writerow({key: ("" if row.get(key) is None else row.get(key)) for key in COLUMNS})
+        writer.writerow({key: ("" if row.get(key) is None else row.get(key)) for key in columns})
     return buffer.getvalue()
 
 
@@ -349,7 +420,16 @@ def report(root, metric=None, plots=True):
         raise UserError(f"{root}: no results.json or best.json found under it")
     metric = choose_metric(metric, runs + campaigns)
     rows = summarise(runs, campaigns, failures, metric)
-    sections = [f"# Report: {root.name}\n", f"Metric: final `{metric}`. Diverged runs count as +∞ "
+    paper = paper_rows(runs, campaigns)
+    sections = [f"# Report: {root.name}\n",
+                "## The paper's table\n",
+                "Final test loss (normalised) and, for UCI, the unnormalised test MSE. Diverged "
+                "runs count as +∞ in the median; the mean ± standard error is over the others. "
+                "Cost: median training-loop time relative to Random's (a Bayesian-optimisation "
+                "row: the total over its trials).\n",
+                paper_markdown(paper),
+                f"## Details: final `{metric}`\n",
+                f"Metric: final `{metric}`. Diverged runs count as +∞ "
                 f"(median and CDF); the mean ± standard error is over the others.\n"]
     for dataset in sorted({row["dataset"] for row in rows}):
         dataset_rows = [row for row in rows if row["dataset"] == dataset]
@@ -365,6 +445,7 @@ def report(root, metric=None, plots=True):
                 plot_trajectories(dataset, dataset_runs, metric, trajectories)
                 sections.append(f"![median trajectories]({trajectories.name})\n")
     executors.write_atomically(root / "report.csv", csv_text(rows))
+    executors.write_atomically(root / "paper_table.csv", csv_text(paper, PAPER_COLUMNS))
     executors.write_atomically(root / "report.md", "\n".join(sections))
     return rows
 

@@ -56,7 +56,10 @@ class Tracker:
             for step, entries in by_step.items():
                 file_writer.add_summary(Summary(value=entries), step)
         for tag, values, step in self._histograms:
-            self.writer.add_histogram(tag, values.float().cpu(), step)
+            values = values.float().cpu()
+            finite = values[torch.isfinite(values)]
+            if finite.numel():  # TensorBoard refuses a histogram of a diverged run's inf/NaN
+                self.writer.add_histogram(tag, finite, step)
         self._scalars, self._histograms = [], []
         self.writer.flush()
         return dict(self.latest)
