@@ -241,7 +241,7 @@ def config_data(config, config_name):
             pytest.skip("no UCI data; set HYPERGRAD_DATA")
         data = datasets.load_data(config["dataset"], validation_proportion=config["validation_proportion"],
                                   data_root=root, where=f"{config_name}: dataset")
-        assert config["batch_size"] <= len(data.training_inputs)
+        assert config["batch_size"] == "full" or config["batch_size"] <= len(data.training_inputs)
         return data
     options = {key: value for key, value in config["dataset"].items() if key != "class"}
     datasets.DATASETS.check_options(datasets.DATASETS.get(dataset_class), options, config_name,
