@@ -229,6 +229,12 @@ def bench_campaign(arguments, scratch):
     for line in lines:
         if "not vectorised" in line:
             print(f"  {line}")
+    failed = {}
+    for line in summary["runs"]:
+        if line["status"] == "failed":
+            failed.setdefault(line["algorithm"], []).append(line["error"])
+    for algorithm, errors in failed.items():
+        print(f"  FAILED: {algorithm}: {len(errors)} run(s): {errors[0]}")
     if reps != FULL_CAMPAIGN:
         print(f"  scaled linearly to the {FULL_CAMPAIGN}-init campaign ({FULL_CAMPAIGN * len(CAMPAIGN)} runs), "
               f"ESTIMATES: without populations {estimate * FULL_CAMPAIGN / reps / 60:.0f} min, with "
