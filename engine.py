@@ -261,24 +261,8 @@ class Trainer:
         so the run's state and samplers are untouched). Returns the seconds."""
         if not self.compiled:
             return 0.0
-        started = time.perf_counter()
-        device = self.weights[0].device
-        batches = {}
-        for key, sampler in (("training", self.samplers.training),
-                             ("validation", self.samplers.validation)):
-            indices = (None if sampler.whole
-                       else torch.arange(sampler.batch_size, device=device))
-            batches[key] = indices
-        batches = {"training": [batches["training"]] * self.network_weight_steps,
-                   "validation": batches["validation"] if self.program.recorded else None}
-        try:
-            self.step_program.step(self.state, batches)
-        except torch._dynamo.exc.TorchDynamoException as error:
-            cause = getattr(error, "inner_exception", None) or error
-            first_line = (str(cause).splitlines() or [""])[0][:200]
-            raise UserError(f"compile: torch.compile failed ({type(cause).__name__}: "
-                            f"{first_line}); use compile: false") from None
-        return time.perf_counter() - started
+        return compile_by_calling(self.step_program, self.state, shaped_batches(
+            self.samplers, self.program, self.network_weight_steps, self.weights[0].device))
 
     def summary(self):
         """Natural value per hyperparameter (the mean for per-weight ones)."""
@@ -302,3 +286,29 @@ class Trainer:
         self.samplers.load_state_dict(saved["samplers"])
         self.hyperparameter_step = saved["hyperparameter_step"]
         self.weight_step = saved["weight_step"]
+
+
+def shaped_batches(samplers, program, network_weight_steps, device, members=None):
+    """Batches of the shapes the run's samplers draw (rows ``0..B-1``), for
+    compiling; ``members``: stacked for a population of that many."""
+    def shaped(sampler):
+        if sampler.whole:
+            return None
+        indices = torch.arange(sampler.batch_size, device=device)
+        return indices if members is None else indices.expand(members, -1).contiguous()
+    return {"training": [shaped(samplers.training)] * network_weight_steps,
+            "validation": shaped(samplers.validation) if program.recorded else None}
+
+
+def compile_by_calling(program, state, batches):
+    """Compile ``program``'s step by calling it once (its result dropped: the
+    step is pure); a compiler failure is one line. Returns the seconds."""
+    started = time.perf_counter()
+    try:
+        program.step(state, batches)
+    except torch._dynamo.exc.TorchDynamoException as error:
+        cause = getattr(error, "inner_exception", None) or error
+        first_line = (str(cause).splitlines() or [""])[0][:200]
+        raise UserError(f"compile: torch.compile failed ({type(cause).__name__}: "
+                        f"{first_line}); use compile: false") from None
+    return time.perf_counter() - started

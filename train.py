@@ -20,7 +20,6 @@ import functools
 import json
 import math
 import os
-import pickle
 import socket
 import sys
 import time
@@ -37,8 +36,8 @@ import hyperparameters
 import models
 import processes
 import validate
-from engine import (Problem, Sampled, Trainer, build_program, compile_refusal, compiler,
-                    initial_state)
+from engine import (Problem, Sampled, Trainer, build_program, compile_by_calling,
+                    compile_refusal, compiler, initial_state, shaped_batches)
 from errors import CommandLine, UserError, exit_on_user_error
 from step import member as member_state
 from step import stack, tree_map, vectorised
@@ -742,24 +741,9 @@ def finish_member(member, state, step_count, weight_count, status, elapsed, comp
 
 def warm_up_population(population, state, members, program, network_weight_steps):
     """Compile the vectorised step before the timed loop (pure: nothing changes)."""
-    started = time.perf_counter()
-    device = state["weights"][0].device
-    count = len(members)
-
-    def shaped(sampler):
-        return (None if sampler.whole else
-                torch.arange(sampler.batch_size, device=device).expand(count, -1).contiguous())
-
-    batches = {"training": [shaped(members[0].samplers.training)] * network_weight_steps,
-               "validation": shaped(members[0].samplers.validation) if program.recorded else None}
-    try:
-        population.step(state, batches)
-    except torch._dynamo.exc.TorchDynamoException as error:
-        cause = getattr(error, "inner_exception", None) or error
-        first_line = (str(cause).splitlines() or [""])[0][:200]
-        raise UserError(f"compile: torch.compile failed ({type(cause).__name__}: "
-                        f"{first_line}); use compile: false") from None
-    return time.perf_counter() - started
+    return compile_by_calling(population, state, shaped_batches(
+        members[0].samplers, program, network_weight_steps, state["weights"][0].device,
+        members=len(members)))
 
 
 def synchronise_device(device):
