@@ -70,6 +70,8 @@ RECORD_TYPES = {
     "algorithm": (lambda v: v is None or isinstance(v, str), "a string"),
     "dataset": (lambda v: v is None or isinstance(v, str), "a string"),
     "wall_time_s": (lambda v: v is None or _is_number(v), "a number"),
+    "population_size": (lambda v: v is None or (isinstance(v, int) and not isinstance(v, bool)
+                                                and v >= 1), "an integer >= 1"),
     "total_training_time_s": (lambda v: v is None or _is_number(v), "a number"),
     "trials": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0, "an integer >= 0"),
     "final": (lambda v: v is None or isinstance(v, dict), "a mapping of metric to number"),
@@ -157,6 +159,12 @@ def statistics(values):
             "standard_error": error, "best": float(values.min()) if len(values) else math.nan}
 
 
+def run_time(run):
+    """A run's training-loop seconds; a population member's share of its
+    population's loop (which every member records whole)."""
+    return float(run.get("wall_time_s", math.nan)) / (run.get("population_size") or 1)
+
+
 def summarise(runs, campaigns, failures, metric):
     """Table rows, grouped by dataset then algorithm."""
     groups = {}
@@ -165,7 +173,7 @@ def summarise(runs, campaigns, failures, metric):
     rows = []
     for (dataset, algorithm), members in sorted(groups.items()):
         values = [final_value(run, metric) for run in members]
-        times = [float(run.get("wall_time_s", math.nan)) for run in members]
+        times = [run_time(run) for run in members]
         failed = sum(1 for path in failures if path.parent.name == algorithm)
         rows.append({"dataset": dataset, "algorithm": algorithm, "runs": len(members),
                      "diverged": sum(run.get("status") == "diverged" for run in members), "failed": failed,
@@ -205,7 +213,7 @@ def paper_rows(runs, campaigns):
         key = (run.get("dataset", "?"), run.get("algorithm", "?"))
         groups.setdefault(key, {"runs": [], "times": []})
         groups[key]["runs"].append(run)
-        groups[key]["times"].append(float(run.get("wall_time_s", math.nan)))
+        groups[key]["times"].append(run_time(run))
     for campaign in campaigns:
         key = (campaign.get("dataset", "?"), f"{campaign.get('algorithm', 'BayesOpt')} (BayesOpt)")
         groups.setdefault(key, {"runs": [], "times": []})

@@ -110,3 +110,20 @@ def test_cdf_figure_per_dataset(results):
     report.report(results)
     for name in ("ecdf_UCI_Energy.png", "ecdf_Digits.png"):
         assert (results / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_population_members_cost_is_its_share_of_the_populations_loop(tmp_path):
+    """Every member records its whole population's loop time; the cost
+    column divides it by the population's size."""
+    root = tmp_path / "runs"
+    for k in range(2):
+        write_run(root / "Random" / f"rep_{k}", "Random", uci(1.0), 10.0, "UCI_Energy")
+    for k in range(4):
+        directory = root / "Ours_LR" / f"rep_{k}"
+        write_run(directory, "Ours_LR", uci(1.0), 60.0, "UCI_Energy")
+        record = json.loads((directory / "results.json").read_text())
+        (directory / "results.json").write_text(json.dumps({**record, "population_size": 4}))
+    report.report(root, plots=False)
+    with open(root / "paper_table.csv") as handle:
+        table = {row["algorithm"]: row for row in csv.DictReader(handle)}
+    assert float(table["Ours_LR"]["cost_relative_to_random"]) == pytest.approx(1.5)
