@@ -19,16 +19,10 @@ import train
 from errors import UserError
 from optimisers import HYPERPARAMETER_OPTIMISERS, OPTIMISERS
 from step import Program, stack, vectorised
+from test_train import ALGORITHMS  # every algorithm file
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = ROOT / "configs"
-ALGORITHMS = ["Random", "Random_SteppedLR", "Random_Validation", "Random_Validation_BayesOpt",
-              "Random_TrainingSetOnly", "Baydin", "Lorraine", "Ours_LR", "Ours_LR_Momentum",
-              "Ours_HDLR_Momentum", "DiffThroughOpt",
-              "LongDiffThroughOpt_UCI_Medium", "LongDiffThroughOpt_UCI_Standalone",
-              "LongDiffThroughOpt_UCI_Full", "LongDiffThroughOpt_Fashion-MNIST_Medium",
-              "LongDiffThroughOpt_Fashion-MNIST_Standalone",
-              "LongDiffThroughOpt_Fashion-MNIST_Full"]
 SHORT = {"hyperparameter_steps": 3, "network_weight_steps": 4, "log_interval": 4,
          "device": "cpu", "batch_size": 32, "dtype": "float64"}
 
