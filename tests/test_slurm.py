@@ -92,6 +92,17 @@ def sacct_states(job_ids):
     return dict(line.split("|")[:2] for line in output.split())
 
 
+def assert_preempted_and_requeued(log_dir, job_id):
+    """submitit caught the preemption signal and checkpointed, and SLURM's
+    accounting holds the first (requeued) start as well as the last."""
+    logs = "".join(path.read_text() for path in log_dir.rglob("*_log.*"))
+    assert "this job is preempted" in logs and "Calling checkpoint method" in logs
+    output = subprocess.run(["sacct", "-n", "-X", "-D", "-P", "-o", "JobID,State", "-j", job_id],
+                            capture_output=True, text=True, check=True).stdout
+    states = [line.split("|")[1] for line in output.split()]
+    assert states[0] == "REQUEUED" and states[-1] == "COMPLETED", output
+
+
 def test_fanout_runs_as_a_job_array(slurm_cluster, tmp_path):
     arguments = ["-c", ENERGY, "--algorithms", "Random", "Ours_LR", "--repetitions", "2",
                  "--executor", "slurm", "--slurm", LOCAL_SLURM, "-l", str(tmp_path), "-g", "array",
@@ -153,14 +164,7 @@ def test_preempted_job_requeues_and_resumes_to_the_same_result(slurm_cluster, tm
         assert results["final"][key] == pytest.approx(reference["final"][key], rel=1e-4, abs=1e-7)
     for key in ("lr", "weight_decay", "momentum"):
         assert results["hyperparameters"][key] == pytest.approx(reference["hyperparameters"][key], rel=1e-4)
-    # It really was preempted and requeued: submitit caught the signal and
-    # checkpointed, SLURM's accounting holds the first (requeued) start too.
-    logs = "".join(path.read_text() for path in (tmp_path / "logs").rglob("*_log.*"))
-    assert "this job is preempted" in logs and "Calling checkpoint method" in logs
-    output = subprocess.run(["sacct", "-n", "-X", "-D", "-P", "-o", "JobID,State", "-j", handle.job_id],
-                            capture_output=True, text=True, check=True).stdout
-    states = [line.split("|")[1] for line in output.split()]
-    assert states[0] == "REQUEUED" and states[-1] == "COMPLETED", output
+    assert_preempted_and_requeued(tmp_path / "logs", handle.job_id)
 
 
 def test_bayesopt_trials_run_on_slurm(slurm_cluster, tmp_path):
@@ -294,9 +298,4 @@ def test_preempted_population_requeues_and_resumes_to_the_same_results(slurm_clu
         assert got["status"] == "finished" and got["hyperparameter_steps_done"] == 400
         for key in ("Loss/Training", "Loss/Validation", "Loss/Test"):
             assert got["final"][key] == pytest.approx(expected["final"][key], rel=1e-6, abs=1e-9)
-    logs = "".join(path.read_text() for path in (tmp_path / "logs").rglob("*_log.*"))
-    assert "this job is preempted" in logs and "Calling checkpoint method" in logs
-    output = subprocess.run(["sacct", "-n", "-X", "-D", "-P", "-o", "JobID,State", "-j", handle.job_id],
-                            capture_output=True, text=True, check=True).stdout
-    states = [line.split("|")[1] for line in output.split()]
-    assert states[0] == "REQUEUED" and states[-1] == "COMPLETED", output
+    assert_preempted_and_requeued(tmp_path / "logs", handle.job_id)
