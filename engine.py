@@ -24,7 +24,8 @@ from errors import UserError
 from hyperparameters import TRANSFORMS
 from optimisers import HYPERPARAMETER_OPTIMISERS, OPTIMISERS
 from registry import closest
-from step import Program, tree_map
+from step import Program
+from trees import tree_map
 
 
 def whole_split(batch_size, size):

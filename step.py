@@ -37,23 +37,7 @@ from torch.func import functional_call, grad_and_value
 
 import hyperparameters as hp
 from hypergradients import Window
-
-
-def tree_map(function, tree, *rest):
-    """``function`` over the leaves of nested dicts, tuples and lists; ``None``
-    is a leaf."""
-    if isinstance(tree, dict):
-        return {key: tree_map(function, value, *(r[key] for r in rest))
-                for key, value in tree.items()}
-    if isinstance(tree, (tuple, list)):
-        return type(tree)(tree_map(function, *parts) for parts in zip(tree, *rest))
-    return function(tree, *rest)
-
-
-def tree_leaves(tree):
-    leaves = []
-    tree_map(lambda leaf: leaves.append(leaf), tree)
-    return leaves
+from trees import tree_map
 
 
 def eager_grad_and_value(loss):

@@ -40,7 +40,8 @@ from engine import (Problem, Sampled, Trainer, build_program, compile_by_calling
                     compile_refusal, compiler, initial_state, shaped_batches)
 from errors import CommandLine, UserError, exit_on_user_error
 from step import member as member_state
-from step import stack, tree_map, vectorised
+from step import stack, vectorised
+from trees import tree_map
 from tracking import Tracker
 
 CHECKPOINT = "checkpoint.pt"

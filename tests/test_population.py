@@ -196,7 +196,8 @@ def batched_equals_each(function, batched_arguments, rtol=1e-12):
     """vmap of ``function`` over stacked arguments against one call per member."""
     count = len(batched_arguments)
     together = vectorised(function)(*[stack(list(parts)) for parts in zip(*batched_arguments)])
-    from step import member, tree_leaves
+    from step import member
+    from trees import tree_leaves
     for index in range(count):
         alone = function(*batched_arguments[index])
         for a, b in zip(tree_leaves(member(together, index)), tree_leaves(alone)):
