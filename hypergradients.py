@@ -31,16 +31,24 @@ code does: it moves a log10 learning rate by ``-∇L_V·∇L_T`` itself).
   ``∂L_V(w_1)/∂w_1 · ∂u/∂λ``; for plain SGD on the learning rate this is
   ``-∇L_V(w_1) · ∇L_T(w_0)``.
 
+Both routes are written once, for any outer variables wherever they enter
+(a learning rate in the update, a commentary or an example weight in the
+training loss, an auxiliary weighting), as :func:`implicit` and
+:func:`unrolled`; the classes above and every teaching method
+(:mod:`commentaries`) call them.
+
 Everything is written with ``torch.func`` (``grad``, ``vjp``), with no
 in-place updates and no host syncs, so the same code runs eagerly, under
 ``torch.compile`` and under ``torch.func.vmap`` over a population of runs.
 """
-from typing import Callable, NamedTuple
+from typing import Any, Callable, NamedTuple
 
+import torch
 from torch.func import grad, grad_and_value, vjp
 
 import linear_solvers
 from registry import Registry
+from trees import tree_add, tree_leaves, tree_map
 
 METHODS = Registry("hypergradient")
 GRADIENT_SPACES = ("raw", "natural")
@@ -102,18 +110,16 @@ class Unrolled:
     def hypergradient(self, window):
         loss, optimiser = window.loss, window.optimiser
 
-        def validation_after(optimised):
-            natural = {**window.natural, **optimised}
-            weights, state, starts = window.weights, window.state, []
-            for batch in window.batches:
-                starts.append(weights)
-                grads, value = grad_and_value(loss)(weights, batch)
-                weights, state = optimiser.update(weights, grads, state, natural)
-            return loss(weights, window.validation), (weights, state, value, starts)
+        def step(carry, optimised, k):
+            weights, state = carry
+            grads, value = grad_and_value(loss)(weights, window.batches[k])
+            return (optimiser.update(weights, grads, state, {**window.natural, **optimised}),
+                    (weights, value))
 
-        optimised = {name: window.natural[name] for name in window.names}
-        cotangents, (end, state, value, starts) = grad(validation_after, has_aux=True)(optimised)
-        return Outcome(end, state, value, starts, cotangents)
+        result = unrolled(step, (window.weights, window.state), _optimised(window),
+                          len(window.batches), lambda carry, _: loss(carry[0], window.validation))
+        starts, values = zip(*result.aux)
+        return Outcome(*result.inner, values[-1], list(starts), result.gradient)
 
 
 @METHODS.register("Implicit")
@@ -152,17 +158,17 @@ class Implicit:
         Hessian-vector product ``H v`` of the solver; the update and its
         Jacobian products are closed-form."""
         (batch,), optimiser, natural = window.batches, window.optimiser, window.natural
-        grads, pullback, value = vjp(lambda w: grad_and_value(window.loss)(w, batch),
-                                     window.weights, has_aux=True)
-        end, state = optimiser.update(window.weights, grads, window.state, natural)
-        weight_product, hyperparameter_products = optimiser.linearisation(
-            window.weights, grads, window.state, natural, state)
-        validation_grad = grad(window.loss)(end, window.validation)
-        inverse_product, _ = self.solve(
-            lambda v: weight_product(v, lambda x: pullback(x)[0]), validation_grad,
-            self.rollback_distance)
-        return Outcome(end, state, value, [window.weights],
-                       hyperparameter_products(inverse_product, window.names))
+
+        def linearise(weights, _):
+            grads, pullback, value = vjp(lambda w: grad_and_value(window.loss)(w, batch),
+                                         weights, has_aux=True)
+            end, state = optimiser.update(weights, grads, window.state, natural)
+            weight_product, hyperparameter_products = optimiser.linearisation(
+                weights, grads, window.state, natural, state)
+            return (end, lambda v: weight_product(v, lambda x: pullback(x)[0]),
+                    lambda x: hyperparameter_products(x, window.names), (state, value))
+
+        return self._implicit(window, None, linearise)
 
     def _through_update(self, window):
         """One ``vjp`` of the whole update ``(w, λ) -> u(w, λ)``: its pullback
@@ -175,12 +181,19 @@ class Implicit:
                                           {**window.natural, **optimised})
             return end, (state, value)
 
-        optimised = {name: window.natural[name] for name in window.names}
-        end, pullback, (state, value) = vjp(update, window.weights, optimised, has_aux=True)
-        validation_grad = grad(window.loss)(end, window.validation)
-        inverse_product, _ = self.solve(lambda v: pullback(v)[0], validation_grad,
-                                        self.rollback_distance)
-        return Outcome(end, state, value, [window.weights], pullback(inverse_product)[1])
+        return self._implicit(window, update, None)
+
+    def _implicit(self, window, update, linearise):
+        result = implicit(update, lambda weights, _: window.loss(weights, window.validation),
+                          window.weights, _optimised(window), solve=self.solve,
+                          iterations=self.rollback_distance, linearise=linearise,
+                          outer_at="update")
+        state, value = result.aux
+        return Outcome(result.inner, state, value, [window.weights], result.gradient)
+
+
+def _optimised(window):
+    return {name: window.natural[name] for name in window.names}
 
 
 @METHODS.register("Baydin")
@@ -215,3 +228,134 @@ class Baydin(Implicit):
         lr = (products if isinstance(window.natural["lr"], tuple)
               else sum(p.sum() for p in products))
         return Outcome(end, state, value, [window.weights], {"lr": lr})
+
+
+# ---------------------------------------------------------------------------
+# The two hypergradients, for any outer variables
+
+
+class Hypergradient(NamedTuple):
+    value: Any       # the outer objective (a 0-d tensor)
+    gradient: Any    # d(outer objective)/d(outer variables), shaped like them
+    inner: Any       # the inner state the outer objective was evaluated at
+    aux: Any         # the update's aux (implicit) or the list of steps' auxes (unrolled)
+
+
+def gradient_step(inner_objective, lr):
+    """The fixed-point map of an inner objective, ``u(w, θ) = w - lr ∇_w L(w, θ)``
+    (aux: ``L(w, θ)``). Its fixed points are the stationary points of ``L``,
+    and ``(I - ∂u/∂w)^{-1} ∂u/∂θ = -H^{-1} ∂²L/∂w∂θ``, so the implicit
+    hypergradient through it does not depend on ``lr`` when solved exactly;
+    the truncated Neumann series (Lorraine et al.) does, through its terms
+    ``(I - lr H)^j``."""
+    def update(weights, outer):
+        grads, value = grad_and_value(inner_objective)(weights, outer)
+        return tree_map(lambda w, g: w - lr * g, weights, grads), value
+    return update
+
+
+def _vjp_linearisation(update):
+    def linearise(weights, outer):
+        updated, pullback, aux = vjp(update, weights, outer, has_aux=True)
+        return updated, lambda v: pullback(v)[0], lambda v: pullback(v)[1], aux
+    return linearise
+
+
+def implicit(update, outer_objective, solution, outer, *, solve=linear_solvers.neumann,
+             iterations=5, linearise=None, outer_at="solution"):
+    """The implicit-function-theorem hypergradient at a fixed point
+    ``w* = u(w*, θ)`` of the inner update::
+
+        dL_V/dθ = ∂L_V/∂θ + ∂L_V/∂w · (I - ∂u/∂w)^{-1} · ∂u/∂θ
+
+    * ``update(w, θ) -> (w', aux)``: the inner fixed-point map (use
+      :func:`gradient_step` for an inner objective);
+    * ``outer_objective(w, θ) -> scalar`` (``L_V``; it may ignore ``θ``);
+    * ``solution``: ``w*`` (a tree of tensors), ``outer``: ``θ`` (a tree);
+    * ``solve(vjp, b, iterations)``: a :mod:`linear_solvers` solver for
+      ``x (I - ∂u/∂w) = b`` with ``b = ∂L_V/∂w``;
+    * ``linearise(w, θ) -> (w', v ↦ v ∂u/∂w, x ↦ x ∂u/∂θ, aux)``: closed-form
+      Jacobian products (SGD's fast path); by default one ``torch.func.vjp``
+      of ``update`` serves both;
+    * ``outer_at``: ``"solution"`` evaluates ``∂L_V`` at ``w*``;
+      ``"update"`` at ``u(w*, θ)``: the hyperparameter methods linearise the
+      update at the weights the step started from and evaluate the
+      validation loss after it (Clarke et al.'s one-update step).
+
+    Returns :class:`Hypergradient` with ``inner = u(w*, θ)`` and the update's aux.
+    """
+    if outer_at not in ("solution", "update"):
+        raise ValueError(f"`outer_at` must be 'solution' or 'update', got {outer_at!r}")
+    linearise = linearise or _vjp_linearisation(update)
+    updated, weight_vjp, outer_vjp, aux = linearise(solution, outer)
+    at = updated if outer_at == "update" else solution
+    (weight_grad, direct), value = grad_and_value(outer_objective, argnums=(0, 1))(at, outer)
+    flat, unflat = _flattener(solution)
+    x, _ = solve(lambda v: flat(weight_vjp(unflat(v))), flat(weight_grad), iterations)
+    return Hypergradient(value, tree_add(direct, outer_vjp(unflat(x))), updated, aux)
+
+
+def unrolled(step, state, outer, steps, outer_objective, *, chunk_size=None, truncation=None):
+    """The exact gradient of ``outer_objective(s_K, θ)`` with respect to ``θ``
+    through ``s_{k+1}, aux_k = step(s_k, θ, k)`` for ``k < steps``
+    (Diff-through-Opt; Raghu et al.'s Algorithm 1; GTN).
+
+    ``state`` is a tree of floating tensors (weights, optimiser state). Two
+    memory bounds (``None`` = off):
+
+    * ``truncation=T``: differentiate through the last ``T`` steps only (a
+      biased, cheaper estimate; the first steps run on detached inputs);
+    * ``chunk_size=C``: exact gradient checkpointing: the forward pass keeps
+      every ``C``-th state; the backward pass recomputes one chunk at a time
+      and pulls the adjoint through it with one ``vjp``, so the peak holds
+      one chunk's graph instead of all ``K`` steps'. ``step`` must then be
+      deterministic in ``k`` (batches drawn up front), so a recomputed chunk
+      is the chunk that ran.
+
+    Returns :class:`Hypergradient` with the final state and the forward pass's auxes.
+    """
+    first = 0
+    if truncation and truncation < steps:
+        first = steps - truncation
+        state, _ = _run(step, _detached(state), _detached(outer), 0, first)
+    if not chunk_size or chunk_size >= steps - first:
+        def objective(outer):
+            final, auxes = _run(step, state, outer, first, steps)
+            value = outer_objective(final, outer)
+            return value, (value, final, auxes)
+        gradient, (value, final, auxes) = grad(objective, has_aux=True)(outer)
+        return Hypergradient(value, gradient, final, auxes)
+
+    boundaries, auxes, constant = [], [], _detached(outer)
+    for start in range(first, steps, chunk_size):
+        end = min(start + chunk_size, steps)
+        boundaries.append((start, end, state))
+        state, chunk_auxes = _run(step, _detached(state), constant, start, end)
+        auxes += chunk_auxes
+    (adjoint, gradient), value = grad_and_value(outer_objective, argnums=(0, 1))(state, outer)
+    for start, end, start_state in reversed(boundaries):
+        _, pullback = vjp(lambda s, o: _run(step, s, o, start, end)[0], start_state, outer)
+        adjoint, chunk_gradient = pullback(adjoint)
+        gradient = tree_add(gradient, chunk_gradient)
+    return Hypergradient(value, gradient, state, auxes)
+
+
+def _run(step, state, outer, first, last):
+    auxes = []
+    for k in range(first, last):
+        state, aux = step(state, outer, k)
+        auxes.append(aux)
+    return state, auxes
+
+
+def _detached(tree):
+    return tree_map(lambda leaf: leaf.detach() if isinstance(leaf, torch.Tensor) else leaf, tree)
+
+
+def _flattener(tree):
+    """``(flatten, unflatten)`` between trees shaped like ``tree`` and the
+    tuples of tensors the linear solvers work on."""
+    def unflatten(leaves):
+        remaining = iter(leaves)
+        return tree_map(lambda _: next(remaining), tree)
+    return lambda t: tuple(tree_leaves(t)), unflatten
