@@ -20,12 +20,13 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
+import linear_solvers
 from commentaries import TEACHERS, storage
-from commentaries.bilevel import implicit_hypergradient
 from commentaries.common import (
     FrozenTeaching, build_student, check_choice, check_float, check_int, evaluation_generator, evaluation_options,
     fresh_weights, save_figure, set_grads, train_students)
 from commentaries.loop import TeachingMethod
+from hypergradients import gradient_step, implicit
 
 MASKS = ("learned", "random", "permuted", "none")
 
@@ -98,10 +99,28 @@ class Masker(FrozenTeaching):
 # Learning the teacher jointly with a student (Algorithm 2)
 
 
-def masked_loss(student, weights, teacher, hyper, names, x, y, sigma):
-    params = dict(zip(names, hyper))
+def masked_loss(student, weights, teacher, params, x, y, sigma):
+    """The student's cross-entropy on images masked by the teacher (``params``):
+    a function of both, for the hypergradient's training and validation losses."""
     masked = x * gaussian_masks(mask_centres(teacher, params, x), *x.shape[-2:], sigma)
     return F.cross_entropy(functional_call(student, weights, (masked,)), y)
+
+
+def mask_hypergradient(student, teacher, sigma, weights, params, batch, validation, lr, neumann_steps):
+    """Algorithm 2's teacher gradient at the current student weights: the
+    implicit hypergradient of the masked validation loss through the SGD map
+    ``w - lr ∇_w L_T(w, θ)`` of the masked training loss, plus its direct
+    term ``∂L_V/∂θ`` (validation images are masked too).
+    Returns :class:`hypergradients.Hypergradient` (``value``: ``L_V``)."""
+    def training_loss(weights, params):
+        return masked_loss(student, weights, teacher, params, *batch, sigma)
+
+    def validation_loss(weights, params):
+        return masked_loss(student, weights, teacher, params, *validation, sigma)
+
+    detached = lambda tree: {name: t.detach() for name, t in tree.items()}  # noqa: E731
+    return implicit(gradient_step(training_loss, lr), validation_loss, detached(weights), detached(params),
+                    solve=linear_solvers.neumann, iterations=neumann_steps)
 
 
 def mask_objective(masker, data, student_spec, options, seeds, device):
@@ -213,12 +232,11 @@ class AttentionMasks(TeachingMethod):
         if self.saved is not None:
             self.teacher.load_state_dict(self.saved["tensors"])
         self.params = dict(self.teacher.named_parameters())
-        self.names, self.hyper = list(self.params), tuple(self.params.values())
         if self.learning:
             self.student = build_student(self.student_spec, self.data, "teaching.student").to(device)
             self.weights = fresh_weights(self.student, device)
             self.inner = torch.optim.Adam(self.weights.values(), lr=self.student_lr)
-            self.outer = torch.optim.Adam(self.hyper, lr=self.teacher_lr)
+            self.outer = torch.optim.Adam(self.params.values(), lr=self.teacher_lr)
 
     def checkpointed(self):
         if not self.learning:
@@ -236,15 +254,12 @@ class AttentionMasks(TeachingMethod):
                                                               self.context.device)
             self.record["red_quadrant_hits_initial"] = red_quadrant_hit_rate(self.teacher, self.params, self.data)
 
-    def masked_loss(self, x, y):
-        return masked_loss(self.student, self.weights, self.teacher, self.hyper, self.names, x, y, self.sigma)
-
     def outer_step(self, step):
         data, device = self.data, self.context.device
         indices = torch.randint(0, len(data.training_inputs), (self.batch_size,), generator=self.generator)
         indices = indices.to(device)
         x, y = data.training_inputs[indices], data.training_targets[indices]
-        loss = self.masked_loss(x, y)
+        loss = masked_loss(self.student, self.weights, self.teacher, self.params, x, y, self.sigma)
         self.inner.zero_grad(set_to_none=True)
         loss.backward(inputs=list(self.weights.values()))
         self.inner.step()
@@ -252,12 +267,12 @@ class AttentionMasks(TeachingMethod):
         if (step + 1) % self.hyper_every == 0:
             chosen = torch.randint(0, len(data.validation_inputs), (self.validation_batch,), generator=self.generator)
             chosen = chosen.to(device)
-            validation = self.masked_loss(data.validation_inputs[chosen], data.validation_targets[chosen])
-            hypergrad = implicit_hypergradient(validation, self.masked_loss(x, y), self.hyper,
-                                               list(self.weights.values()), self.neumann_lr, self.neumann_steps)
-            set_grads(self.hyper, hypergrad)
+            result = mask_hypergradient(self.student, self.teacher, self.sigma, self.weights, self.params, (x, y),
+                                        (data.validation_inputs[chosen], data.validation_targets[chosen]),
+                                        self.neumann_lr, self.neumann_steps)
+            set_grads(self.params.values(), result.gradient.values())
             self.outer.step()
-            metrics["Loss/Validation"] = validation.detach()
+            metrics["Loss/Validation"] = result.value
         return metrics
 
     def finish(self, steps_done):

@@ -22,12 +22,13 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
+import linear_solvers
 from commentaries import TEACHERS, storage
-from commentaries.bilevel import implicit_hypergradient, sgd_steps, unrolled_hypergradient
 from commentaries.common import (
     FrozenTeaching, build_student, check_choice, check_float, check_int, evaluation_generator, evaluation_options,
     fresh_weights, save_figure, set_grads, soft_cross_entropy, train_students)
 from commentaries.loop import TeachingMethod
+from hypergradients import gradient_step, implicit, unrolled
 
 POLICIES = ("learned", "shuffled", "random", "mixup", "none")
 
@@ -100,40 +101,68 @@ class Policy(FrozenTeaching):
 # Objectives: what each route lowers, evaluated reproducibly
 
 
-def unrolled_losses(student, data, batch_size, inner_steps, generator):
-    """Inner (blended) and outer (validation) losses with every step's batch and
-    pairing drawn up front, for :func:`bilevel.unrolled_hypergradient`."""
+def grid_hypergradient(student, weights, grid, batch, partner, validation, lr, neumann_steps):
+    """Algorithm 2's grid gradient at the current student weights: the implicit
+    hypergradient of the validation loss through the SGD map
+    ``w - lr ∇_w L_T(w, φ)`` of the loss on ``batch`` blended by ``φ``
+    (``neumann_steps=1``, the paper's setting: no Hessian-vector product).
+    Returns :class:`hypergradients.Hypergradient` (``value``: ``L_V``)."""
+    (x, y), num_classes = batch, grid.shape[0]
+
+    def training_loss(weights, grid):
+        return grid_loss(lambda inputs: functional_call(student, weights, (inputs,)), grid, x, y, partner,
+                         num_classes)
+
+    def validation_loss(weights, grid):
+        return F.cross_entropy(functional_call(student, weights, (validation[0],)), validation[1])
+
+    weights = {name: w.detach() for name, w in weights.items()}
+    return implicit(gradient_step(training_loss, lr), validation_loss, weights, grid.detach(),
+                    solve=linear_solvers.neumann, iterations=neumann_steps)
+
+
+def unrolled_problem(student, data, batch_size, inner_steps, inner_lr, generator):
+    """``(step, validation_loss)`` of Algorithm 1 for :func:`hypergradients.unrolled`:
+    ``step(w, φ, k)`` is the SGD step ``w - α ∇_w L_k(w, φ)`` on the ``k``-th
+    blended batch (aux: ``L_k``), with every step's batch and pairing drawn
+    up front so that a recomputed step (``chunk_size``) is the step that ran;
+    ``validation_loss(w, φ)`` is the cross-entropy on the validation set."""
     inputs, labels, n = data.training_inputs, data.training_targets, data.output_size
     batches = torch.randint(0, len(inputs), (inner_steps, batch_size), generator=generator).to(inputs.device)
     partners = torch.stack([torch.randperm(batch_size, generator=generator) for _ in range(inner_steps)])
     partners = partners.to(inputs.device)
 
-    def inner_loss(weights, hyper, step):
-        x, y = inputs[batches[step]], labels[batches[step]]
-        return grid_loss(lambda batch: functional_call(student, weights, (batch,)), hyper[0], x, y,
-                         partners[step], n)
+    def step(weights, grid, k):
+        def blended_loss(weights, grid):
+            x, y = inputs[batches[k]], labels[batches[k]]
+            return grid_loss(lambda batch: functional_call(student, weights, (batch,)), grid, x, y, partners[k], n)
+        return gradient_step(blended_loss, inner_lr)(weights, grid)
 
-    def outer_loss(weights, hyper):
+    def validation_loss(weights, grid):
         return F.cross_entropy(functional_call(student, weights, (data.validation_inputs,)), data.validation_targets)
 
-    return inner_loss, outer_loss
+    return step, validation_loss
+
+
+def detached_parameters(module):
+    return {name: p.detach() for name, p in module.named_parameters()}
 
 
 def unrolled_objective(grid, data, student_spec, *, inner_steps, inner_lr, batch_size, seeds):
     """Validation loss after ``inner_steps`` blended SGD steps from fixed
     student initialisations and batches: what Algorithm 1 lowers."""
     losses = []
-    constant = (grid.detach(),)
+    grid = grid.detach()
     for seed in seeds:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(10_000 + seed)
             fresh = build_student(student_spec, data, "teaching.student").to(data.training_inputs.device)
-        inner_loss, outer_loss = unrolled_losses(fresh, data, batch_size, inner_steps,
+        step, validation_loss = unrolled_problem(fresh, data, batch_size, inner_steps, inner_lr,
                                                  torch.Generator().manual_seed(20_000 + seed))
-        final = sgd_steps(lambda w, k: inner_loss(w, constant, k), fresh_weights(fresh, data.training_inputs.device),
-                          range(inner_steps), inner_lr, graph=False)
-        with torch.no_grad():
-            losses.append(float(outer_loss(final, None)))
+        weights = detached_parameters(fresh)
+        for k in range(inner_steps):
+            weights, _ = step(weights, grid, k)
+        losses.append(float(validation_loss(weights, grid)))
     return sum(losses) / len(losses)
 
 
@@ -280,30 +309,26 @@ class Augmentation(TeachingMethod):
         self.inner.step()
         metrics = {"Loss/Training": loss.detach()}
         if (step + 1) % self.hyper_every == 0:
-            weights = list(self.weights.values())
-            validation = F.cross_entropy(call(self.weights)(data.validation_inputs), data.validation_targets)
-            training = grid_loss(call(self.weights), self.grid, x, y, partner, n)
-            (hypergrad,) = implicit_hypergradient(validation, training, [self.grid], weights, self.neumann_lr,
-                                                  self.neumann_steps)
-            set_grads([self.grid], [hypergrad])
+            result = grid_hypergradient(self.student, self.weights, self.grid, (x, y), partner,
+                                        (data.validation_inputs, data.validation_targets), self.neumann_lr,
+                                        self.neumann_steps)
+            set_grads([self.grid], [result.gradient])
             self.outer.step()
-            metrics["Loss/Validation"] = validation.detach()
+            metrics["Loss/Validation"] = result.value
         return metrics
 
     def unrolled_step(self):
         """Algorithm 1 for small cases: a fresh student takes ``inner_steps`` SGD
         steps on blended batches; its validation loss is backpropagated through
         them into the grid."""
-        device = self.context.device
-        fresh = build_student(self.student_spec, self.data, "teaching.student").to(device)
-        inner_loss, outer_loss = unrolled_losses(self.student, self.data, self.batch_size, self.inner_steps,
-                                                 self.generator)
-        validation, _, (hypergrad,) = unrolled_hypergradient(inner_loss, outer_loss, fresh_weights(fresh, device),
-                                                             (self.grid,), self.inner_steps, self.inner_lr,
-                                                             self.chunk_size)
-        set_grads([self.grid], [hypergrad])
+        fresh = build_student(self.student_spec, self.data, "teaching.student").to(self.context.device)
+        step, validation_loss = unrolled_problem(self.student, self.data, self.batch_size, self.inner_steps,
+                                                 self.inner_lr, self.generator)
+        result = unrolled(step, detached_parameters(fresh), self.grid.detach(), self.inner_steps, validation_loss,
+                          chunk_size=self.chunk_size or None)
+        set_grads([self.grid], [result.gradient])
         self.outer.step()
-        return {"Loss/Validation": validation}
+        return {"Loss/Validation": result.value}
 
     def proportions(self):
         """λ for the chosen policy (``None`` for ``mixup`` and ``none``)."""

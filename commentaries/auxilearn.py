@@ -16,9 +16,12 @@ training loss ``L_T(w, θ)``, the main-task loss ``L_A`` on a held-out
     dL_A/dθ = -∂L_A/∂w · H⁻¹ · ∂²L_T/∂w∂θ,
 
 with the inverse-Hessian product approximated by a truncated Neumann series
-(``linear_solvers.neumann`` on the SGD map ``u(w) = w - α ∇L_T``). This goes
-through :class:`MetaOptimizer`, whose ``step(val_loss=..., train_loss=...,
-aux_params=..., parameters=...)`` follows AuxiLearn's wrapper of the same name.
+(``linear_solvers.neumann`` on the SGD map ``u(w) = w - α ∇L_T``): the core's
+:func:`hypergradients.implicit`. This goes through :class:`MetaOptimizer`,
+whose ``step(val_loss=..., train_loss=..., aux_params=..., parameters=...)``
+follows AuxiLearn's wrapper of the same name, except that the losses are
+functions of ``(weights, auxiliary parameters)`` rather than tensors: the
+implicit hypergradient differentiates them under ``torch.func``.
 
 Auxiliary tasks on the embedded digits: ``parity`` (even/odd, helpful),
 ``rotation`` (which of 0/90/180/270° the input was rotated by,
@@ -36,14 +39,16 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
+from torch.func import functional_call  # noqa: E402
 
 import linear_solvers  # noqa: E402
 from commentaries import TEACHERS  # noqa: E402
-from commentaries.bilevel import implicit_hypergradient  # noqa: E402
 from commentaries.common import (DIGITS, check_bool, check_choice, check_float, check_int,  # noqa: E402
                                  save_figure, split_pairs)
 from commentaries.loop import TeachingMethod  # noqa: E402
 from errors import UserError  # noqa: E402
+from hypergradients import gradient_step, implicit  # noqa: E402
+from trees import tree_leaves, tree_map  # noqa: E402
 
 # name -> classes of its own head; noisy_labels reuses the main head (random labels)
 AUXILIARY_TASKS = {"parity": 2, "rotation": 4, "noisy_labels": None}
@@ -64,7 +69,12 @@ class MultiTaskNet(nn.Module):
         self.heads = nn.ModuleDict({task: nn.Linear(hidden_size, size) for task, size in sizes.items()})
 
     def forward(self, images, task="main"):
-        return self.heads[task](self.trunk(images))
+        """The logits of ``task``; for a list of tasks, a tuple of their logits
+        from one pass through the trunk."""
+        features = self.trunk(images)
+        if isinstance(task, str):
+            return self.heads[task](features)
+        return tuple(self.heads[name](features) for name in task)
 
 
 def inverse_softplus(value):
@@ -125,22 +135,42 @@ class MetaOptimizer:
         self.hypergradient_lr = hypergradient_lr
         self.neumann_steps = neumann_steps
         self.max_grad_norm = max_grad_norm
-        self.solver = solver
+        self.solve = linear_solvers.get_solver(solver, "teaching.solver")
         self.last_norm = None  # norm of the latest hypergradient, a tensor (no host sync)
 
+    def hypergradient(self, *, val_loss, train_loss, aux_params, parameters):
+        """``dL_V/dθ`` at the weights ``parameters`` (AuxiLearn's implicit step:
+        ``neumann_steps`` terms of the series on the SGD map of ``train_loss``
+        with step ``hypergradient_lr``), shaped like ``aux_params``.
+
+        ``val_loss(w, θ)`` and ``train_loss(w, θ)`` are scalar functions of the
+        weights and the auxiliary parameters, written for ``torch.func``
+        (``functional_call``); ``parameters`` and ``aux_params`` are dicts or
+        lists of tensors (their current values; nothing is updated)."""
+        result = implicit(gradient_step(train_loss, self.hypergradient_lr), val_loss, _detached(parameters),
+                          _detached(aux_params), solve=self.solve, iterations=self.neumann_steps)
+        return result.gradient
+
     def step(self, *, val_loss, train_loss, aux_params, parameters):
-        """One update of ``aux_params``; returns the (unclipped) hypergradients."""
-        aux_params = list(aux_params)
-        grads = implicit_hypergradient(val_loss, train_loss, aux_params, parameters,
-                                       self.hypergradient_lr, self.neumann_steps, self.solver)
-        self.last_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+        """One update of ``aux_params`` (the wrapped optimiser's tensors, a dict
+        or a list) along :meth:`hypergradient`; returns the (unclipped) hypergradients."""
+        aux_params = aux_params if isinstance(aux_params, (dict, list, tuple)) else list(aux_params)
+        parameters = parameters if isinstance(parameters, (dict, list, tuple)) else list(parameters)
+        grads = self.hypergradient(val_loss=val_loss, train_loss=train_loss, aux_params=aux_params,
+                                   parameters=parameters)
+        tensors, gradients = tree_leaves(aux_params), tree_leaves(grads)
+        self.last_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in gradients]))
         self.meta_optimizer.zero_grad()
-        for parameter, grad in zip(aux_params, grads):
-            parameter.grad = grad.detach().clone()
+        for tensor, grad in zip(tensors, gradients):
+            tensor.grad = grad.clone()
         if self.max_grad_norm is not None:
-            torch.nn.utils.clip_grad_norm_(aux_params, self.max_grad_norm)
+            torch.nn.utils.clip_grad_norm_(tensors, self.max_grad_norm)
         self.meta_optimizer.step()
         return grads
+
+
+def _detached(tree):
+    return tree_map(torch.Tensor.detach, tree)
 
 
 # ----------------------------------------------------------------------------- data and losses
@@ -151,29 +181,43 @@ def rotate(images, quarter_turns):
     return rotations[quarter_turns, torch.arange(len(images), device=images.device)]
 
 
-def task_losses(model, tasks, images, labels, noise_labels, rng):
-    """Per-example main losses [B] and auxiliary losses [B, K] (``None`` if K = 0)."""
-    features = model.trunk(images)
-    main = F.cross_entropy(model.heads["main"](features), labels, reduction="none")
+def quarter_turns(tasks, count, generator, device):
+    """The rotation task's targets for a batch (``None`` without that task), drawn
+    before the loss so that the loss is a deterministic function of the weights."""
+    if "rotation" not in tasks:
+        return None
+    return torch.randint(4, (count,), generator=generator).to(device)
+
+
+def task_losses(call, tasks, images, labels, noise_labels, turns):
+    """Per-example main losses [B] and auxiliary losses [B, K] (``None`` if K = 0);
+    ``call(images, task)``: the network's logits (see :meth:`MultiTaskNet.forward`)."""
+    heads = ["main"] + [task for task in tasks if task == "parity"]
+    logits = dict(zip(heads, call(images, heads)))
+    main = F.cross_entropy(logits["main"], labels, reduction="none")
     auxiliary = []
     for task in tasks:
         if task == "parity":
-            target, logits = labels % 2, model.heads[task](features)
+            auxiliary.append(F.cross_entropy(logits["parity"], labels % 2, reduction="none"))
         elif task == "noisy_labels":
-            target, logits = noise_labels, model.heads["main"](features)
+            auxiliary.append(F.cross_entropy(logits["main"], noise_labels, reduction="none"))
         else:  # rotation
-            target = torch.randint(4, (len(labels),), generator=rng).to(labels.device)
-            logits = model(rotate(images, target), task)
-        auxiliary.append(F.cross_entropy(logits, target, reduction="none"))
+            auxiliary.append(F.cross_entropy(call(rotate(images, turns), task), turns, reduction="none"))
     return main, (torch.stack(auxiliary, dim=1) if auxiliary else None)
 
 
-def training_loss(model, combiner, tasks, batch, rng, weight_decay):
-    """The combined training loss L_T(w, θ) on one batch (with L2 so its Hessian is too)."""
-    main, auxiliary = task_losses(model, tasks, *batch, rng)
-    loss = main.mean() if auxiliary is None else combiner(main, auxiliary)
+def training_loss(model, combiner, tasks, weights, aux_params, batch, weight_decay):
+    """The combined training loss L_T(w, θ) on one batch (with L2 so its Hessian is
+    too), a function of the network's ``weights`` and the auxiliary network's
+    ``aux_params`` (dicts of tensors) through ``functional_call``; also the
+    per-example main and auxiliary losses."""
+    def call(images, task):
+        return functional_call(model, weights, (images, task))
+
+    main, auxiliary = task_losses(call, tasks, *batch)
+    loss = main.mean() if auxiliary is None else functional_call(combiner, aux_params, (main, auxiliary))
     if weight_decay:
-        loss = loss + 0.5 * weight_decay * sum((p * p).sum() for p in model.parameters())
+        loss = loss + 0.5 * weight_decay * sum((w * w).sum() for w in weights.values())
     return loss, main, auxiliary
 
 
@@ -302,18 +346,42 @@ class AuxiLearn(TeachingMethod):
         index = torch.randint(self.train_size, (self.batch_size,), generator=generator).to(train_labels.device)
         return train_images[index], train_labels[index], self.noise_labels[index]
 
+    def aux_params(self):
+        return {} if self.weighting is None else dict(self.weighting.named_parameters())
+
     def outer_step(self, step):
+        batch = self.batch(self.rng)
+        batch += (quarter_turns(self.tasks, self.batch_size, self.rng, batch[1].device),)
         loss, self.main, self.auxiliary = training_loss(self.model, self.weighting, self.tasks,
-                                                        self.batch(self.rng), self.rng, self.weight_decay)
+                                                        dict(self.model.named_parameters()), self.aux_params(),
+                                                        batch, self.weight_decay)
         self.optimiser.zero_grad()
         loss.backward(inputs=list(self.model.parameters()))
         self.optimiser.step()
         metrics = {"Loss/Training": loss.detach()}
         if self.meta is not None and step + 1 > self.warmup_steps and (step + 1) % self.update_every == 0:
-            meta_step(self.model, self.weighting, self.tasks, self.meta, self.batch(self.meta_rng),
-                      self.splits["auxiliary"], self.meta_rng, self.weight_decay, self.batch_size)
+            self.meta_step()
             metrics["Hypergradient/Norm"] = self.meta.last_norm
         return metrics
+
+    def meta_step(self):
+        """One implicit update of the auxiliary network on a training batch and a batch
+        of the held-out auxiliary set (its main-task loss is the outer objective)."""
+        batch = self.batch(self.meta_rng)
+        images, labels = self.splits["auxiliary"]
+        index = torch.randint(len(labels), (self.batch_size,), generator=self.meta_rng).to(labels.device)
+        batch += (quarter_turns(self.tasks, self.batch_size, self.meta_rng, labels.device),)
+        images, labels = images[index], labels[index]
+
+        def train_loss(weights, aux_params):
+            return training_loss(self.model, self.weighting, self.tasks, weights, aux_params, batch,
+                                 self.weight_decay)[0]
+
+        def val_loss(weights, aux_params):
+            return F.cross_entropy(functional_call(self.model, weights, (images,)), labels)
+
+        self.meta.step(val_loss=val_loss, train_loss=train_loss, aux_params=self.aux_params(),
+                       parameters=dict(self.model.named_parameters()))
 
     def evaluate(self, step):
         metrics = {}
@@ -347,15 +415,3 @@ class AuxiLearn(TeachingMethod):
                                "learned": self.learn_weighting},
                 "teacher": {"auxiliary_tasks": self.tasks, "combiner": self.combiner,
                             "combiner_hidden": self.combiner_hidden}}
-
-
-def meta_step(model, weighting, tasks, meta, train_batch, auxiliary_split, rng, weight_decay,
-              batch_size):
-    """One implicit update of the auxiliary network on a training batch and a batch of
-    the held-out auxiliary set (its main-task loss is the outer objective)."""
-    images, labels = auxiliary_split
-    index = torch.randint(len(labels), (batch_size,), generator=rng).to(labels.device)
-    train_loss, _, _ = training_loss(model, weighting, tasks, train_batch, rng, weight_decay)
-    val_loss = F.cross_entropy(model(images[index]), labels[index])
-    meta.step(val_loss=val_loss, train_loss=train_loss, aux_params=list(weighting.parameters()),
-              parameters=list(model.parameters()))

@@ -1,4 +1,5 @@
-"""AuxiLearn: implicit hypergradients against the exact Hessian solve and finite
+"""AuxiLearn: implicit hypergradients (``MetaOptimizer``, on the core's
+``hypergradients.implicit``) against the exact Hessian solve and finite
 differences at the inner optimum, the MetaOptimizer wrapper, and learning on
 the embedded digits against its baselines."""
 import pathlib
@@ -6,9 +7,9 @@ import pathlib
 import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torch.func import functional_call
 
 from commentaries import auxilearn, storage
-from commentaries.bilevel import implicit_hypergradient
 from errors import UserError
 
 
@@ -27,12 +28,17 @@ class RegressionProblem:
         self.combiner = combiner.double()
         self.ridge = ridge
 
-    def train_loss(self, w):
+    def aux_params(self):
+        return dict(self.combiner.named_parameters())
+
+    def train_loss(self, w, aux_params=None):
+        """``L_T(w, θ)``; θ: the combiner's own parameters unless given (a function for torch.func)."""
         errors = (self.x @ w).unsqueeze(1) - self.targets
         squared = errors ** 2
-        return self.combiner(squared[:, 0], squared[:, 1:]) + 0.5 * self.ridge * (w * w).sum()
+        combined = functional_call(self.combiner, aux_params or self.aux_params(), (squared[:, 0], squared[:, 1:]))
+        return combined + 0.5 * self.ridge * (w * w).sum()
 
-    def val_loss(self, w):
+    def val_loss(self, w, aux_params=None):
         return ((self.x_val @ w - self.y_val) ** 2).mean()
 
     def minimiser(self, iterations=3):
@@ -59,10 +65,11 @@ class RegressionProblem:
         mixed = torch.autograd.grad(train_gradient, params, grad_outputs=solution)
         return tuple(-g for g in mixed)
 
-    def implicit(self, w, steps, lr):
-        w = w.detach().requires_grad_()
-        return implicit_hypergradient(self.val_loss(w), self.train_loss(w), self.combiner.parameters(), [w],
-                                      lr, steps)
+    def implicit(self, w, steps, lr, solver="neumann"):
+        meta = auxilearn.MetaOptimizer(None, hypergradient_lr=lr, neumann_steps=steps, solver=solver)
+        gradient = meta.hypergradient(val_loss=self.val_loss, train_loss=self.train_loss,
+                                      aux_params=self.aux_params(), parameters=w)
+        return tuple(gradient.values())
 
 
 def flat(tensors):
@@ -84,6 +91,8 @@ def test_neumann_hypergradient_converges_to_the_exact_solve(combiner):
     assert errors[1] < errors[0] and errors[2] < errors[1]  # ...more terms approach it
     assert errors[3] < 1e-8
     assert exact.abs().max() > 1e-3
+    cg = flat(problem.implicit(w, 3, lr, solver="cg"))  # 3 unknowns: CG is exact in 3 iterations
+    assert (cg - exact).norm() / exact.norm() < 1e-8
 
 
 def test_implicit_hypergradient_matches_finite_differences_at_the_optimum():
@@ -105,13 +114,20 @@ def test_implicit_hypergradient_matches_finite_differences_at_the_optimum():
 
 
 def test_meta_optimizer_steps_against_the_hypergradient_and_clips():
+    """``step`` takes loss *functions* of (weights, auxiliary parameters), as a
+    torch.func implicit hypergradient needs, and the parameters as AuxiLearn's
+    wrapper does (here lists: the functions then get lists)."""
     problem = RegressionProblem(auxilearn.LinearCombiner(2))
-    w = problem.minimiser().requires_grad_()
+    w = problem.minimiser()
     before = problem.combiner.raw.detach().clone()
+    lr = problem.stable_lr(w)
+    (exact,) = problem.exact_hypergradient(w)
     meta = auxilearn.MetaOptimizer(torch.optim.SGD(problem.combiner.parameters(), lr=0.5),
-                                   hypergradient_lr=problem.stable_lr(w.detach()), neumann_steps=500, max_grad_norm=1e-3)
-    (grad,) = meta.step(val_loss=problem.val_loss(w), train_loss=problem.train_loss(w),
+                                   hypergradient_lr=lr, neumann_steps=500, max_grad_norm=1e-3)
+    (grad,) = meta.step(val_loss=lambda weights, aux: problem.val_loss(weights[0]),
+                        train_loss=lambda weights, aux: problem.train_loss(weights[0], {"raw": aux[0]}),
                         aux_params=problem.combiner.parameters(), parameters=[w])
+    torch.testing.assert_close(grad, exact, rtol=1e-8, atol=1e-12)
     step = problem.combiner.raw.detach() - before
     torch.testing.assert_close(step, -0.5 * 1e-3 * grad / grad.norm())  # clipped to norm 1e-3
     assert meta.last_norm.item() == pytest.approx(grad.norm().item())

@@ -19,11 +19,12 @@ sys.path.insert(0, str(ROOT))
 
 import commentaries  # noqa: E402
 import datasets  # noqa: E402
+import linear_solvers  # noqa: E402
 from commentaries import attention, augmentation, example_weighting, storage  # noqa: E402
-from commentaries.bilevel import implicit_hypergradient, unrolled_hypergradient  # noqa: E402
 from commentaries.common import SavedTensorMeter, build_student, fresh_weights  # noqa: E402
 from commentaries.loop import Context  # noqa: E402
 from errors import UserError  # noqa: E402
+from hypergradients import gradient_step, implicit, unrolled  # noqa: E402
 from models import MLP  # noqa: E402
 
 ROTATED = {"class": "RotatedDigits", "overlapping": True, "image_size": 8, "train_size": 256,
@@ -147,24 +148,32 @@ def test_checkpointed_unroll_is_exact_and_holds_less_memory():
     assert not all(torch.allclose(a, b) for a, b in zip(short, results["full"][1]))
 
 
-def test_augmentation_unrolled_hypergradient_matches_finite_differences():
+@pytest.mark.parametrize("chunk_size", [None, 2], ids=["whole", "chunks"])
+def test_augmentation_unrolled_hypergradient_matches_finite_differences(chunk_size):
+    """Algorithm 1 for the blending grid: ``hypergradients.unrolled`` through
+    the method's own SGD steps (``augmentation.unrolled_problem``)."""
     data = build_data({"class": "Digits", "image_size": 4, "max_examples": 300, "validation_size": 40,
                        "test_size": 40})
     data.training_inputs, data.validation_inputs = data.training_inputs.double(), data.validation_inputs.double()
     torch.manual_seed(0)
     student = build_student({"class": "MLP", "hidden": [5], "activation_function": "Tanh"}, data, "s").double()
-    inner, outer = augmentation.unrolled_losses(student, data, 16, 3, torch.Generator().manual_seed(0))
-    grid = (0.3 * torch.randn(10, 10, dtype=torch.float64)).requires_grad_(True)
+    step, validation = augmentation.unrolled_problem(student, data, 16, 3, 0.5, torch.Generator().manual_seed(0))
+    start = {name: p.detach() for name, p in student.named_parameters()}
+    grid = 0.3 * torch.randn(10, 10, dtype=torch.float64)
 
     def loss_at(g):
-        return unrolled_hypergradient(inner, outer, fresh_weights(student, "cpu", torch.float64), (g,), 3, 0.5)
+        weights = start
+        for k in range(3):
+            weights, _ = step(weights, g, k)
+        return validation(weights, g)
 
-    _, _, (hypergrad,) = loss_at(grid)
+    result = unrolled(step, start, grid, 3, validation, chunk_size=chunk_size)
+    assert float(result.value) == pytest.approx(float(loss_at(grid)), rel=1e-12)
     direction = torch.randn(10, 10, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
     epsilon = 1e-5
-    numeric = float(loss_at(grid + epsilon * direction)[0] - loss_at(grid - epsilon * direction)[0]) / (2 * epsilon)
+    numeric = float(loss_at(grid + epsilon * direction) - loss_at(grid - epsilon * direction)) / (2 * epsilon)
     assert abs(numeric) > 1e-6
-    assert float((hypergrad * direction).sum()) == pytest.approx(numeric, rel=1e-6)
+    assert float((result.gradient * direction).sum()) == pytest.approx(numeric, rel=1e-6)
 
 
 # ----------------------------------------------------------------------------
@@ -184,13 +193,13 @@ def convex_augmentation_problem():
     student = MLP(hidden=[], input_shape=(1, 4, 4), output_size=3).double()
     kappa = 0.3
 
-    def training_loss(weights, hyper):
+    def training_loss(weights, grid):
         call = lambda inputs: functional_call(student, weights, (inputs,))  # noqa: E731
         penalty = sum((w ** 2).sum() for w in weights.values())
-        return augmentation.grid_loss(call, hyper[0], x, y, partner, 3) + 0.5 * kappa * penalty
+        return augmentation.grid_loss(call, grid, x, y, partner, 3) + 0.5 * kappa * penalty
 
-    def validation_loss(weights, hyper):
-        direct = 0.01 * (hyper[0] ** 2).sum()  # exercises the direct term ∂L_V/∂φ
+    def validation_loss(weights, grid):
+        direct = 0.01 * (grid ** 2).sum()  # exercises the direct term ∂L_V/∂φ
         return F.cross_entropy(functional_call(student, weights, (vx,)), vy) + direct
 
     return student, training_loss, validation_loss
@@ -206,27 +215,28 @@ def solve_inner(student, training_loss, grid):
         return {n: t.view(s) for n, t, s in zip(names, torch.split(flat, sizes), shapes)}
 
     flat = torch.zeros(sum(sizes), dtype=torch.float64)
-    objective = lambda f: training_loss(unflatten(f), (grid,))  # noqa: E731
+    objective = lambda f: training_loss(unflatten(f), grid)  # noqa: E731
     for _ in range(30):
         gradient = torch.autograd.functional.jacobian(objective, flat)
         hessian = torch.autograd.functional.hessian(objective, flat)
         flat = flat - torch.linalg.solve(hessian, gradient)
         if gradient.norm() < 1e-13:
             break
-    return {n: t.clone().requires_grad_(True) for n, t in unflatten(flat.detach()).items()}, hessian
+    return {n: t.clone() for n, t in unflatten(flat.detach()).items()}, hessian
 
 
 def test_implicit_hypergradient_matches_exact_solution_and_finite_differences():
+    """``hypergradients.implicit`` on the SGD map of a blended training loss
+    (a commentary that enters the loss), with a direct term, at the exact optimum."""
     student, training_loss, validation_loss = convex_augmentation_problem()
     grid = (0.5 * torch.randn(3, 3, generator=torch.Generator().manual_seed(4), dtype=torch.float64))
-    grid.requires_grad_(True)
     weights, hessian = solve_inner(student, training_loss, grid)
     largest = float(torch.linalg.eigvalsh(hessian).max())
     lr = 1.0 / largest
 
     def outer_at(g):
         optimum, _ = solve_inner(student, training_loss, g)
-        return float(validation_loss(optimum, (g,)).detach())
+        return float(validation_loss(optimum, g))
 
     epsilon = 1e-5
     numeric = torch.zeros(3, 3, dtype=torch.float64)
@@ -236,17 +246,79 @@ def test_implicit_hypergradient_matches_exact_solution_and_finite_differences():
             bump[i, j] = epsilon
             numeric[i, j] = (outer_at(grid.detach() + bump) - outer_at(grid.detach() - bump)) / (2 * epsilon)
     errors = {}
-    def implicit(steps):
-        (estimate,) = implicit_hypergradient(validation_loss(weights, (grid,)), training_loss(weights, (grid,)),
-                                             [grid], list(weights.values()), lr, steps)
-        return estimate
+
+    def hypergradient(steps, solve=linear_solvers.neumann):
+        return implicit(gradient_step(training_loss, lr), validation_loss, weights, grid, solve=solve,
+                        iterations=steps).gradient
 
     for steps in (1, 5, 50, 400):
-        errors[steps] = float((implicit(steps) - numeric).norm() / numeric.norm())
+        errors[steps] = float((hypergradient(steps) - numeric).norm() / numeric.norm())
     assert errors[1] > errors[5] > errors[50] > errors[400]
     assert errors[400] < 1e-6
     # one Neumann term (the paper's setting) still points downhill
-    assert float((implicit(1) * numeric).sum()) > 0
+    assert float((hypergradient(1) * numeric).sum()) > 0
+    cg = hypergradient(40, linear_solvers.conjugate_gradient)  # the solver is pluggable
+    assert float((cg - numeric).norm() / numeric.norm()) < 1e-6
+
+
+def attention_problem():
+    """A tiny teacher and student on coloured digits, float64."""
+    data = build_data({"class": "ColouredDigits", "train_size": 24, "validation_size": 16, "test_size": 8})
+    torch.manual_seed(0)
+    teacher = attention.build_teacher(3, 3).double()
+    student = build_student({"class": "MLP", "hidden": [4], "activation_function": "Tanh"}, data, "s").double()
+    weights = {name: p.detach() for name, p in student.named_parameters()}
+    params = {name: p.detach() for name, p in teacher.named_parameters()}
+    batch = (data.training_inputs[:12].double(), data.training_targets[:12])
+    validation = (data.validation_inputs.double(), data.validation_targets)
+    return student, teacher, weights, params, batch, validation
+
+
+@pytest.mark.parametrize("neumann_steps", [1, 3], ids=lambda n: f"neumann{n}")
+def test_attention_mask_hypergradient_is_the_exact_truncated_series_with_its_direct_term(neumann_steps):
+    """Algorithm 2's teacher gradient at any student weights ``w`` is exactly
+    the θ-gradient of ``L_V(w, θ) - lr Σ_j b_j · ∇_w L_T(w, θ)`` with the
+    Neumann terms ``b_{j+1} = b_j (I - lr H)``, ``b_0 = ∇_w L_V`` held fixed:
+    checked by central differences, the terms by torch.autograd."""
+    student, teacher, weights, params, batch, validation = attention_problem()
+    sigma, lr = 3.0, 0.5
+    result = attention.mask_hypergradient(student, teacher, sigma, weights, params, batch, validation, lr,
+                                          neumann_steps)
+
+    def losses(w, p):
+        return (attention.masked_loss(student, w, teacher, p, *validation, sigma),
+                attention.masked_loss(student, w, teacher, p, *batch, sigma))
+
+    w = {name: t.clone().requires_grad_() for name, t in weights.items()}
+    validation_loss, training_loss = losses(w, params)
+    term = torch.autograd.grad(validation_loss, list(w.values()))
+    train_gradient = torch.autograd.grad(training_loss, list(w.values()), create_graph=True)
+    terms = [term]
+    for _ in range(neumann_steps - 1):
+        hessian_product = torch.autograd.grad(train_gradient, list(w.values()), grad_outputs=term, retain_graph=True)
+        term = tuple(t - lr * h for t, h in zip(term, hessian_product))
+        terms.append(term)
+    total = [sum(parts) for parts in zip(*terms)]
+
+    def surrogate(p):
+        w = {name: t.clone().requires_grad_() for name, t in weights.items()}
+        validation_loss, training_loss = losses(w, p)
+        gradient = torch.autograd.grad(training_loss, list(w.values()))
+        return float(validation_loss - lr * sum((b * g).sum() for b, g in zip(total, gradient)))
+
+    generator = torch.Generator().manual_seed(1)
+    direct = torch.func.grad(lambda p: losses(weights, p)[0])(params)
+    for _ in range(2):
+        direction = {name: torch.randn(t.shape, generator=generator, dtype=t.dtype) for name, t in params.items()}
+        epsilon = 1e-6
+        shifted = [surrogate({name: t + sign * epsilon * direction[name] for name, t in params.items()})
+                   for sign in (1, -1)]
+        numeric = (shifted[0] - shifted[1]) / (2 * epsilon)
+        analytic = float(sum((result.gradient[name] * direction[name]).sum() for name in params))
+        without_direct = analytic - float(sum((direct[name] * direction[name]).sum() for name in params))
+        assert abs(numeric) > 1e-6 and analytic == pytest.approx(numeric, rel=1e-6)
+        assert without_direct != pytest.approx(numeric, rel=1e-3)  # the direct term counts
+    assert float(result.value) == pytest.approx(float(losses(weights, params)[0]), rel=1e-12)
 
 
 # ----------------------------------------------------------------------------
