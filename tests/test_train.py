@@ -190,7 +190,23 @@ def test_sigkilled_process_resumes_to_the_same_result(tmp_path):
     assert final_state(resumed) == final_state(whole)
 
 
-def test_save_then_load_continues_the_same_run(tmp_path):
+def as_written_before_the_counters_moved_into_the_state(path):
+    """Rewrite a checkpoint in the layout it had when the step counters were
+    ints beside the state (``{"state", "samplers", "hyperparameter_step",
+    "weight_step"}``); returns them."""
+    saved = checkpoints.read(path, str(path))
+    trainer = saved["trainer"]
+    state = dict(trainer["state"])
+    counters = {key: int(state.pop(key)) for key in ("hyperparameter_step", "weight_step")}
+    saved["trainer"] = {**trainer, "state": state, **counters}
+    checkpoints.write(path, saved)
+    return counters
+
+
+@pytest.mark.parametrize("layout", ["current", "counters_beside_the_state"])
+def test_save_then_load_continues_the_same_run(layout, tmp_path):
+    """Also from a checkpoint written before the step counters moved into the
+    state: it resumes unchanged."""
     sources = [CONFIGS / "digits.yaml", CONFIGS / "DiffThroughOpt.yaml"]
     whole = train.main(sources, {"hyperparameter_steps": 8, "device": "cpu"},
                        log_root=tmp_path, progress=False)
@@ -199,9 +215,13 @@ def test_save_then_load_continues_the_same_run(tmp_path):
                save=saved, progress=False)
     state = checkpoints.read(saved, "half.pt")  # torch.load(weights_only=True), checksummed
     assert state["config"]["algorithm"] == "DiffThroughOpt"  # the config travels with it
+    if layout == "counters_beside_the_state":
+        assert as_written_before_the_counters_moved_into_the_state(saved) == {
+            "hyperparameter_step": 4, "weight_step": 40}
     continued = train.main(sources, {"hyperparameter_steps": 8, "device": "cpu"},
                            log_root=tmp_path, load=saved, progress=False)
     assert final_state(continued) == final_state(whole)
+    assert continued["hyperparameter_steps_done"] == 8
 
 
 def test_run_directories_are_unique_and_hold_the_resolved_config(tmp_path):
