@@ -224,6 +224,34 @@ def test_save_then_load_continues_the_same_run(layout, tmp_path):
     assert continued["hyperparameter_steps_done"] == 8
 
 
+@pytest.mark.parametrize("entry", ["run", "population"])
+def test_the_loops_read_the_step_counters_when_they_start_and_end_not_per_step(
+        entry, tmp_path, monkeypatch):
+    """The counters are device tensors in the state; reading one waits for the
+    device, so the loops count the steps they ask for themselves."""
+    import population
+    from engine import Trainer
+    reads = []
+    for name in ("hyperparameter_step", "weight_step"):
+        counted = property(lambda self, read=getattr(Trainer, name).fget:
+                           reads.append(1) or read(self))
+        monkeypatch.setattr(Trainer, name, counted)
+        monkeypatch.setattr(population.Member, name, counted)
+    sources = [CONFIGS / "digits.yaml", CONFIGS / "Ours_LR.yaml"]
+
+    def reads_in_a_run_of(steps):
+        reads.clear()
+        settings = {"hyperparameter_steps": steps, "log_interval": 10, "device": "cpu"}
+        if entry == "run":
+            train.main(sources, settings, log_root=tmp_path, progress=False)
+        else:
+            population.main(sources, [{"overrides": {**settings, "seed": seed}}
+                                      for seed in (1, 2)], log_root=tmp_path, progress=False)
+        return len(reads)
+
+    assert reads_in_a_run_of(2) == reads_in_a_run_of(12)
+
+
 def test_run_directories_are_unique_and_hold_the_resolved_config(tmp_path):
     first = train.make_run_dir(tmp_path, "group", "name")
     second = train.make_run_dir(tmp_path, "group", "name")
