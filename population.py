@@ -90,8 +90,8 @@ def model_structure(cfg):
     model takes only the data's ``input_shape`` and ``output_size``
     (:func:`models.build_model`); they are read from the data (a
     vocabulary's size needs its files), once per dataset configuration."""
-    key = json.dumps([cfg["dataset"], cfg["validation_proportion"], cfg["data_root"]],
-                     sort_keys=True, default=str)
+    key = json.dumps([cfg["dataset"], cfg["validation_proportion"],
+                      str(datasets.resolve_data_root(cfg["data_root"]))], sort_keys=True, default=str)
     if key not in _DATA_SIZES:
         data = datasets.load_data(cfg["dataset"], validation_proportion=cfg["validation_proportion"],
                                   data_root=cfg["data_root"], where=cfg.where("dataset"))
