@@ -492,7 +492,6 @@ def write_config(run_dir, cfg):
     atomic_write(Path(run_dir) / "config.yaml", lambda path: path.write_text(text))
 
 
-
 def parse_arguments(argv):
     parser = CommandLine(prog="train.py", description=__doc__.split("\n\n")[0],
                          formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -534,8 +533,6 @@ def cli(argv=None):
     print(f"{results['status']}: {summary}")
     print(f"run directory: {results['run_dir']}")
     return 0 if results["status"] in ("finished", "diverged") else 1
-
-
 
 
 if __name__ == "__main__":
