@@ -227,8 +227,6 @@ class Trainer:
             self.compiled = True
         self.samplers = Sampled(problem, config["batch_size"], config["seed"], device,
                                 self.validation_split)
-        self.hyperparameter_step = 0
-        self.weight_step = 0
         self.last_hypergradients = {}
 
     @property
@@ -245,6 +243,11 @@ class Trainer:
     def last_training_loss(self):
         return self.state["last_training_loss"]
 
+    # The counters live in the state (the pure step advances them); reading one
+    # waits for the device, so the loop reads them at intervals, not per step.
+    hyperparameter_step = property(lambda self: int(self.state["hyperparameter_step"]))
+    weight_step = property(lambda self: int(self.state["weight_step"]))
+
     def raw_hyperparameters(self):
         return self.state["hyperparameters"]
 
@@ -253,8 +256,6 @@ class Trainer:
         batches = self.samplers.batches(self.program, self.network_weight_steps)
         self.state, metrics = self.step_program.step(self.state, batches)
         self.last_hypergradients = metrics["hypergradients"]
-        self.weight_step += self.network_weight_steps
-        self.hyperparameter_step += 1
 
     def warm_up(self):
         """Compile (``compile: true``) before the timed loop: one step on
@@ -274,19 +275,27 @@ class Trainer:
                                      self.config["evaluation_batch_size"], indices)
 
     def state_dict(self):
-        return {"state": self.state, "samplers": self.samplers.state_dict(),
-                "hyperparameter_step": self.hyperparameter_step,
-                "weight_step": self.weight_step}
+        return {"state": self.state, "samplers": self.samplers.state_dict()}
 
     def load_state_dict(self, saved):
+        saved = counters_into_state(saved)
         expected = tree_map(lambda leaf: tuple(leaf.shape), self.state)
         found = tree_map(lambda leaf: tuple(leaf.shape), saved["state"])
         if expected != found:
             raise ValueError("the saved state does not match this configuration")
         self.state = saved["state"]
         self.samplers.load_state_dict(saved["samplers"])
-        self.hyperparameter_step = saved["hyperparameter_step"]
-        self.weight_step = saved["weight_step"]
+
+
+def counters_into_state(saved):
+    """A checkpoint written before the counters moved into the state (they
+    were ints beside it) as one written after: it resumes unchanged."""
+    if "hyperparameter_step" in saved["state"]:
+        return saved
+    device = saved["state"]["last_training_loss"].device
+    counters = {key: torch.tensor(saved[key], dtype=torch.int64, device=device)
+                for key in ("hyperparameter_step", "weight_step")}
+    return {**saved, "state": {**saved["state"], **counters}}
 
 
 def shaped_batches(samplers, program, network_weight_steps, device, members=None):

@@ -17,7 +17,7 @@ requeues the same job; the restarted job calls ``train.main`` with the *same*
 
 A *population* job (``{"config", "members": [{"overrides", "run_dir",
 "name"}, ...], ...}``) runs its members as one vectorised computation
-through ``train.main_population`` (:class:`PopulationRun`); its result is
+through ``population.main`` (:class:`PopulationRun`); its result is
 one results dict per member, in order, and a failure is recorded for every
 member it holds.
 """
@@ -121,7 +121,7 @@ def record_failure(run_dir, text):
 
 
 def run_population(job):
-    """Call ``train.main_population`` for one population job; returns one
+    """Call ``population.main`` for one population job; returns one
     result per member, in order.
 
     Members that already ended (a requeued SLURM task whose population wrote
@@ -138,12 +138,12 @@ def run_population(job):
         import torch
         if threads:
             torch.set_num_threads(int(threads))
-        import train
+        import population
         if todo:
-            trained = train.main_population(job["config"], [members[index] for index in todo],
-                                            group=job.get("group"), progress=False)
+            trained = population.main(job["config"], [members[index] for index in todo],
+                                      group=job.get("group"), progress=False)
             if len(trained) != len(todo):
-                raise RuntimeError(f"main_population returned {len(trained)} results "
+                raise RuntimeError(f"population.main returned {len(trained)} results "
                                    f"for {len(todo)} members")
             for index, result in zip(todo, trained):
                 results[index] = result
@@ -187,7 +187,7 @@ class PopulationRun(TrainingRun):
     vectorised computation. On preemption ``checkpoint()`` asks the
     population's loop to write every member's current state (as
     :class:`TrainingRun` does for one run), then submitit requeues the same
-    call and ``train.main_population`` resumes each member from its
+    call and ``population.main`` resumes each member from its
     ``run_dir/checkpoint.pt``."""
 
     def __call__(self, job):

@@ -17,10 +17,10 @@ recorded (``error.txt`` in its directory, and the summary) and the rest go on.
 
 ``--population-size M`` packs each algorithm's pending runs into populations
 of at most M members, each trained as one vectorised computation in one
-worker process or SLURM array task (``train.main_population``). The run
+worker process or SLURM array task (``population.main``). The run
 directories, results and summary are the same as without it; skip-finished
 and resume stay per member. An algorithm the vectorised path cannot take
-(``train.population_refusal`` gives the reason) runs one process per run, as
+(``population.refusal`` gives the reason) runs one process per run, as
 without the option, and the fan-out says so in one line.
 """
 import argparse
@@ -236,15 +236,6 @@ def split_evenly(jobs, size):
     return groups
 
 
-def population_refusal(config, overrides):
-    """Why ``train.py`` cannot vectorise this configuration (one line), or None."""
-    import train  # torch: imported only when populations are asked for
-    refuse = getattr(train, "population_refusal", None)
-    if refuse is None or not hasattr(train, "main_population"):
-        return "this train.py has no population engine"
-    return refuse(config, overrides)
-
-
 def pack(pending, size):
     """Each algorithm's pending runs as population jobs of at most ``size``
     members; runs the vectorised path refuses stay single-run jobs.
@@ -255,6 +246,7 @@ def pack(pending, size):
     runs (or some of them) go one process per run. Members keep the overrides,
     names and run directories the per-run fan-out gives them.
     """
+    import population  # torch: imported only when populations are asked for
     jobs, fallbacks = [], {}
     for algorithm in dict.fromkeys(job["algorithm"] for job in pending):
         batch = [job for job in pending if job["algorithm"] == algorithm]
@@ -262,7 +254,7 @@ def pack(pending, size):
         for job in batch:  # members differ in override values; check each distinct key set once
             keys = frozenset(job["overrides"])
             if keys not in refusals:
-                refusals[keys] = population_refusal(job["config"], job["overrides"])
+                refusals[keys] = population.refusal(job["config"], job["overrides"])
         vectorised = [job for job in batch if refusals[frozenset(job["overrides"])] is None]
         alone = [job for job in batch if refusals[frozenset(job["overrides"])] is not None]
         if alone:
@@ -282,7 +274,7 @@ def pack(pending, size):
 
 
 def member_spec(job):
-    """What ``train.main_population`` needs of one member."""
+    """What ``population.main`` needs of one member."""
     return {"overrides": job["overrides"], "run_dir": job["run_dir"], "name": job["name"]}
 
 

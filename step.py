@@ -8,6 +8,7 @@ A run's state is one mapping of tensors (a pytree)::
      "outer": {...},                      # the outer optimiser's state ({}: nothing optimised)
      "buffers": {name: tensor},           # model buffers (batch-norm running statistics)
      "last_training_loss": 0-d tensor,
+     "hyperparameter_step": 0-d int64, "weight_step": 0-d int64,  # the run's counters
      "initial_weights": ..., "initial_optimiser": ...}  # reset_model_after_hyperparameter_update
 
 and one hyperparameter step is :meth:`Program.step`::
@@ -123,7 +124,11 @@ class Program:
                            if self.optimised else {}),
                  "buffers": dict(buffers),
                  "last_training_loss": torch.full((), float("nan"), dtype=weights[0].dtype,
-                                                  device=weights[0].device)}
+                                                  device=weights[0].device),
+                 # counters are state too: the pure step advances them on the device
+                 # (eager, compiled, vmapped alike) and the loop reads them at intervals
+                 "hyperparameter_step": torch.zeros((), dtype=torch.int64, device=weights[0].device),
+                 "weight_step": torch.zeros((), dtype=torch.int64, device=weights[0].device)}
         if self.reset:
             state["initial_weights"], state["initial_optimiser"] = state["weights"], optimiser_state
         return state
@@ -147,7 +152,7 @@ class Program:
                                                              natural)
         return {**state, "weights": new_weights, "optimiser": optimiser_state,
                 "buffers": self.updated_buffers(weights, buffers, batch[0]),
-                "last_training_loss": loss}
+                "last_training_loss": loss, "weight_step": state["weight_step"] + 1}
 
     def hyperparameter_update(self, state, training_indices, validation_indices):
         """The method's differentiated updates and the outer optimiser's step
@@ -158,7 +163,9 @@ class Program:
                                                               validation_indices)
         if self.lr_multiplier is not None:
             raw = hp.scale(raw, "lr", self.lr_multiplier, self.transforms, self.clipping)
-        state = {**state, "hyperparameters": raw}
+        state = {**state, "hyperparameters": raw,
+                 "hyperparameter_step": state["hyperparameter_step"] + 1,
+                 "weight_step": state["weight_step"] + self.recorded}
         if self.reset:
             state["weights"], state["optimiser"] = (state["initial_weights"],
                                                     state["initial_optimiser"])

@@ -9,14 +9,11 @@ Config files stack (later ones win, mappings merge key by key); ``--set``
 overrides come last. The run directory ``LOG_ROOT/GROUP/<timestamp>-<NAME>``
 receives the resolved ``config.yaml``, TensorBoard logs, checkpoints and
 ``results.json``. ``main()`` is the same thing as a function, for the fan-out
-and Bayesian-optimisation scripts. ``--population N`` (``main_population()``)
-trains N runs of one configuration at once, as one ``torch.func.vmap`` over
-the pure step, each member with its own initialisation, seed and run
-directory.
+and Bayesian-optimisation scripts. ``--population N`` trains N runs of one
+configuration at once (:mod:`population`, which shares this module's pieces
+of a run: run directories, checkpoints, logging, results).
 """
 import argparse
-import contextlib
-import functools
 import json
 import math
 import os
@@ -36,16 +33,13 @@ import hyperparameters
 import models
 import processes
 import validate
-from engine import (Problem, Sampled, Trainer, build_program, compile_by_calling,
-                    compile_refusal, compiler, initial_state, shaped_batches)
+from engine import Problem, Trainer
 from errors import CommandLine, UserError, exit_on_user_error
-from step import member as member_state
-from step import stack, vectorised
-from trees import tree_map
 from tracking import Tracker
 
 CHECKPOINT = "checkpoint.pt"
 RESULTS = "results.json"
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
 def atomic_write(path, write):
@@ -100,6 +94,18 @@ def pick_device(requested, where="device"):
         raise UserError(f"{where}: {requested} requested but only {torch.cuda.device_count()} "
                         f"CUDA device(s) are visible")
     return device
+
+
+def load_config(config, extra):
+    """The resolved, checked configuration of a run: stacked files, then ``extra``
+    overrides (``[(dotted key, value, origin)]``), derived settings applied."""
+    cfg = prepare(configuration.load(config, extra))
+    validate.check(cfg)
+    return cfg
+
+
+def device_and_dtype(cfg):
+    return pick_device(cfg["device"], cfg.where("device")), DTYPES[cfg["dtype"]]
 
 
 def load_problem(cfg, device, dtype):
@@ -164,50 +170,94 @@ def load_state(path, trainer, cfg, label=None, restore_random=True):
                         f"({type(error).__name__})") from None
 
 
-def save_if_preempted(trainer, cfg, checkpoint_path, wall_time):
+def stop_if_preempted(device, save, step):
     """At a hyperparameter-step boundary: if SLURM is preempting the job, write
-    the current state for the requeued job and stop (see ``processes``)."""
+    the current state for the requeued job (``save()``) and stop (see ``processes``)."""
     if not processes.preemption.requested():
         return
-    synchronise(trainer)
-    save_state(checkpoint_path, trainer, cfg, wall_time)
+    synchronise(device)
+    save()
     processes.preemption.saved()
-    raise processes.Preempted(f"preempted at hyperparameter step {trainer.hyperparameter_step}")
+    raise processes.Preempted(f"preempted at hyperparameter step {step}")
 
 
-def log_metrics(tracker, trainer, cfg):
+class Schedule:
+    """Where the outer loop is: the steps it has asked for, counted on the host
+    from where the run started or resumed. The run's own counters are in its
+    state, advanced by the pure step on the device; reading them waits for
+    the device, so the loop counts for itself and never reads them per step."""
+
+    def __init__(self, cfg, hyperparameter_step, weight_step):
+        self.total, self.weight_steps = cfg["hyperparameter_steps"], cfg["network_weight_steps"]
+        self.interval, self.every = cfg["log_interval"], cfg["checkpoint_every"]
+        self.hyperparameter_step, self.weight_step = hyperparameter_step, weight_step
+        self.logs = False
+
+    running = property(lambda self: self.hyperparameter_step < self.total)
+    done = property(lambda self: self.hyperparameter_step == self.total)
+
+    def advance(self):
+        """One hyperparameter step done; ``logs``: it ends a log interval (or the run)."""
+        before = self.weight_step
+        self.hyperparameter_step += 1
+        self.weight_step += self.weight_steps
+        self.logs = self.weight_step // self.interval > before // self.interval or self.done
+
+    @property
+    def checkpoints(self):
+        """A periodic checkpoint is due (none at the end: the results are)."""
+        return bool(self.every) and self.hyperparameter_step % self.every == 0 and not self.done
+
+
+def progress_bar(description, schedule, progress):
+    return tqdm(total=schedule.total, initial=schedule.hyperparameter_step, disable=not progress,
+                desc=description, unit="hstep", dynamic_ncols=True, leave=False)
+
+
+def hypergradient_scalars(hypergradients, step):
+    """``[(tag, value, step)]`` of one step's hypergradients (device tensors)."""
+    return [(f"Hypergradient/{name.title()}", value, step) for name, value in hypergradients.items()]
+
+
+def log_metrics(tracker, trainer, cfg, step):
     """Queue this interval's metrics (device tensors; written at flush)."""
-    step = trainer.weight_step
     tracker.scalar("Loss/Training", trainer.last_training_loss, step)
     indices = (trainer.samplers.log.next() if cfg["validation_evaluation"] == "minibatch"
                else None)
-    for tag, value in interval_metrics(trainer, cfg, indices).items():
+    for tag, value in interval_metrics(trainer.evaluate, cfg, trainer.validation_split,
+                                       indices).items():
         tracker.scalar(tag, value, step)
-    log_hyperparameters(tracker, trainer.state["hyperparameters"], trainer.program.transforms,
-                        step)
+    raw = trainer.state["hyperparameters"]
+    for tag, value in hyperparameter_scalars(raw, trainer.summary()).items():
+        tracker.scalar(tag, value, step)
+    log_histograms(tracker, raw, trainer.program.transforms, step)
 
 
-def interval_metrics(trainer, cfg, log_indices=None):
+def interval_metrics(evaluate, cfg, validation_split, log_indices=None):
     """``{"Loss/Test": tensor, ...}``: test metrics and, unless
     ``validation_evaluation: end``, validation metrics (on ``log_indices``
-    for ``minibatch``)."""
-    evaluations = {"Test": trainer.evaluate("test")}
+    for ``minibatch``). ``evaluate(split, indices)``: a run's, or a
+    population's (then every value has one entry per member)."""
+    evaluations = {"Test": evaluate("test", None)}
     if cfg["validation_evaluation"] != "end":
-        evaluations["Validation"] = trainer.evaluate(trainer.validation_split, log_indices)
+        evaluations["Validation"] = evaluate(validation_split, log_indices)
     return {f"{metric}/{split}": value for split, metrics in evaluations.items()
             for metric, value in metrics.items()}
 
 
-def log_hyperparameters(tracker, raw, transforms, step):
-    """``Hyperparameter/*``: the natural value, or for a per-weight one a
-    histogram and its mean."""
-    natural = hyperparameters.natural(raw, transforms)
-    for name, value in hyperparameters.summary(raw, transforms).items():
-        tag = f"Hyperparameter/{name.title()}"
-        if isinstance(raw[name], tuple):
-            tracker.histogram(tag, torch.cat([v.reshape(-1) for v in natural[name]]), step)
-            tag += "_Mean"
-        tracker.scalar(tag, value, step)
+def hyperparameter_scalars(raw, summary):
+    """``{tag: value}`` of ``Hyperparameter/*`` from ``hyperparameters.summary``:
+    the natural value, or a per-weight one's mean (``_Mean``)."""
+    return {f"Hyperparameter/{name.title()}" + ("_Mean" if isinstance(raw[name], tuple) else ""):
+            value for name, value in summary.items()}
+
+
+def log_histograms(tracker, raw, transforms, step):
+    """A histogram of each per-weight hyperparameter's natural values."""
+    per_weight = {name: value for name, value in raw.items() if isinstance(value, tuple)}
+    for name, natural in hyperparameters.natural(per_weight, transforms).items():
+        tracker.histogram(f"Hyperparameter/{name.title()}",
+                          torch.cat([v.reshape(-1) for v in natural]), step)
 
 
 def final_metrics(trainer):
@@ -244,9 +294,7 @@ def run_training(cfg, run_dir, device, dtype, progress, save, load):
     if resume_from:
         label = str(checkpoint_path) if resume_from == checkpoint_path else f"-s {load}"
         wall_time = load_state(resume_from, trainer, cfg, label)
-    tracker = Tracker(run_dir, purge_step=trainer.weight_step if resume_from else None)
-    if not resume_from:
-        tracker.hparams(hparam_summary(cfg), ["Loss/Test", "Loss/Validation", "Loss/Training"])
+    tracker = open_tracker(run_dir, cfg, trainer.weight_step if resume_from else None)
     if trainer.compiled and progress:
         print("compile: true: compiling before training (about 35 s the first time on a CPU, "
               "a few seconds with a warm cache) ...", file=sys.stderr, flush=True)
@@ -261,23 +309,24 @@ def run_training(cfg, run_dir, device, dtype, progress, save, load):
 
 def run_loop(trainer, cfg, tracker, checkpoint_path, progress, wall_time):
     """The outer loop; returns (status, wall time of the loop in seconds)."""
-    total = cfg["hyperparameter_steps"]
-    interval, every = cfg["log_interval"], cfg["checkpoint_every"]
-    status = "finished"
-    bar = tqdm(total=total, initial=trainer.hyperparameter_step, disable=not progress,
-               desc=f"{cfg['algorithm']}", unit="hstep", dynamic_ncols=True, leave=False)
-    synchronise(trainer)
+    schedule = Schedule(cfg, trainer.hyperparameter_step, trainer.weight_step)
+    bar = progress_bar(cfg["algorithm"], schedule, progress)
+    device = trainer.weights[0].device
+    synchronise(device)
     started = time.perf_counter()
-    while trainer.hyperparameter_step < total:
-        before = trainer.weight_step
+    elapsed = lambda: wall_time + time.perf_counter() - started  # noqa: E731
+    save = lambda: save_state(checkpoint_path, trainer, cfg, elapsed())  # noqa: E731
+    status = "finished"
+    while schedule.running:
         trainer.step()
-        for name, value in trainer.last_hypergradients.items():
-            tracker.scalar(f"Hypergradient/{name.title()}", value, trainer.weight_step)
+        schedule.advance()
+        for tag, value, step in hypergradient_scalars(trainer.last_hypergradients,
+                                                      schedule.weight_step):
+            tracker.scalar(tag, value, step)
         bar.update(1)
-        save_if_preempted(trainer, cfg, checkpoint_path, wall_time + time.perf_counter() - started)
-        done = trainer.hyperparameter_step == total
-        if trainer.weight_step // interval > before // interval or done:
-            log_metrics(tracker, trainer, cfg)
+        stop_if_preempted(device, save, schedule.hyperparameter_step)
+        if schedule.logs:
+            log_metrics(tracker, trainer, cfg, schedule.weight_step)
             latest = tracker.flush()
             bar.set_postfix({k.split("/")[1][:5]: f"{latest[k]:.4g}"
                              for k in ("Loss/Training", "Loss/Validation", "Loss/Test")
@@ -285,17 +334,17 @@ def run_loop(trainer, cfg, tracker, checkpoint_path, progress, wall_time):
             if not math.isfinite(latest["Loss/Training"]):
                 status = "diverged"
                 break
-        if every and trainer.hyperparameter_step % every == 0 and not done:
-            synchronise(trainer)
-            save_state(checkpoint_path, trainer, cfg, wall_time + time.perf_counter() - started)
-    synchronise(trainer)
+        if schedule.checkpoints:
+            synchronise(device)
+            save()
+    synchronise(device)
     bar.close()
-    return status, wall_time + time.perf_counter() - started
+    return status, elapsed()
 
 
-def synchronise(trainer):
-    if trainer.weights[0].is_cuda:
-        torch.cuda.synchronize()
+def synchronise(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def finish(trainer, cfg, tracker, status_and_time, run_dir, save):
@@ -306,14 +355,15 @@ def finish(trainer, cfg, tracker, status_and_time, run_dir, save):
     objective = final.get("Loss/Validation", math.nan)
     if status == "diverged" or not math.isfinite(objective):
         objective = cfg["divergence_penalty"]
+    weight_step = trainer.weight_step
     for tag, value in final.items():
-        tracker.writer.add_scalar(f"Final/{tag}", value, trainer.weight_step)
+        tracker.writer.add_scalar(f"Final/{tag}", value, weight_step)
     tracker.close()
     results = {
         "status": status, "algorithm": cfg["algorithm"],
         "dataset": cfg["dataset"].get("class") if "dataset" in cfg else None,
         "seed": cfg["seed"], "run_dir": str(run_dir),
-        "network_weight_steps_done": trainer.weight_step,
+        "network_weight_steps_done": weight_step,
         "hyperparameter_steps_done": trainer.hyperparameter_step,
         "wall_time_s": wall_time, "final": final,
         "hyperparameters": hyperparameter_values(trainer), "objective": objective,
@@ -321,6 +371,16 @@ def finish(trainer, cfg, tracker, status_and_time, run_dir, save):
     if save:
         save_state(Path(save), trainer, cfg, wall_time)
     return results
+
+
+def open_tracker(run_dir, cfg, resumed_at=None):
+    """A run's TensorBoard logs: a resumed run's (``resumed_at``: the weight
+    step of its checkpoint) are cut back to that step; a fresh run is
+    entered in the HParams view."""
+    tracker = Tracker(run_dir, purge_step=resumed_at)
+    if resumed_at is None:
+        tracker.hparams(hparam_summary(cfg), ["Loss/Test", "Loss/Validation", "Loss/Training"])
+    return tracker
 
 
 def hparam_summary(cfg):
@@ -364,10 +424,8 @@ def main(config, overrides=None, *, name=None, group=None, log_root="runs", devi
         extra.append(("seed", seed, "--seed"))
     if device is not None:
         extra.append(("device", device, "--device"))
-    cfg = prepare(configuration.load(config, extra))
-    validate.check(cfg)
-    torch_device = pick_device(cfg["device"], cfg.where("device"))
-    dtype = {"float32": torch.float32, "float64": torch.float64}[cfg["dtype"]]
+    cfg = load_config(config, extra)
+    torch_device, dtype = device_and_dtype(cfg)
     check_paths(save, load, run_dir)
     torch.manual_seed(cfg["seed"])
     if run_dir is None:
@@ -380,10 +438,8 @@ def main(config, overrides=None, *, name=None, group=None, log_root="runs", devi
         done = finished_results(run_dir) if (waited or skip_if_done) else None
         if done is not None:
             return done
-        checkpoints.remove_stale_temporaries(run_dir)
-        if not (run_dir / CHECKPOINT).is_file() and not load:
-            remove_event_files(run_dir)  # an attempt killed before its first checkpoint
-        atomic_write(run_dir / "config.yaml", lambda p: p.write_text(configuration.to_yaml(cfg)))
+        clear_failed_attempt(run_dir, resuming=bool(load))
+        write_config(run_dir, cfg)
         if "teaching" in cfg:
             results = run_teaching(cfg, run_dir, torch_device, progress)
         else:
@@ -420,406 +476,20 @@ def finished_results(run_dir):
     return results if isinstance(results, dict) and results.get("status") in ("finished", "diverged") else None
 
 
-def remove_event_files(run_dir):
-    """TensorBoard files of an attempt that left no checkpoint: its steps are redone."""
-    for path in Path(run_dir).glob("events.out.tfevents.*"):
-        path.unlink(missing_ok=True)
-
-
-# ------------------------------------------------------------------ populations
-
-POPULATION_VARYING = ("seed",)  # plus network_weight's hyperparameter values
-
-
-class Member:
-    """One member of a population, seen as a single run (the interface of
-    :class:`engine.Trainer` that logging, checkpoints and results use): its
-    slice of the population's state, its own samplers and counters."""
-
-    def __init__(self, cfg, program, state, samplers, run_dir, index):
-        self.config, self.program, self.state = cfg, program, state
-        self.samplers, self.run_dir, self.index = samplers, Path(run_dir), index
-        self.hyperparameter_step = self.weight_step = 0
-        self.tracker, self.wall_time = None, 0.0
-
-    validation_split = property(lambda self: self.program.validation_split)
-    weights = property(lambda self: self.state["weights"])
-    last_training_loss = property(lambda self: self.state["last_training_loss"])
-    summary = Trainer.summary
-    evaluate = Trainer.evaluate
-    state_dict = Trainer.state_dict
-    load_state_dict = Trainer.load_state_dict
-
-
-def population_refusal(config, overrides=None):
-    """None if this configuration can run as a vectorised population, else
-    the one-line reason, naming the key."""
-    cfg = prepare(configuration.load(config, configuration.normalise_overrides(overrides)))
-    if "teaching" in cfg:
-        return (f"{cfg.where('teaching')}: learning-to-teach methods do not run as a "
-                f"population (they train their own students); run them one at a time")
-    device = pick_device(cfg["device"])
-    dtype = {"float32": torch.float32, "float64": torch.float64}[cfg["dtype"]]
-    torch.manual_seed(cfg["seed"])
-    problem = load_problem(cfg, device, dtype)
-    return model_refusal(problem.model, cfg)
-
-
-def model_refusal(model, cfg):
-    buffers = [name for name, _ in model.named_buffers()]
-    if buffers:
-        key = "model.batch_norm" if cfg["model"].get("batch_norm") else "model"
-        return (f"{cfg.where(key)}: a population cannot vectorise a model with buffers "
-                f"({', '.join(buffers[:3])}{', ...' if len(buffers) > 3 else ''}: batch-norm "
-                f"statistics are updated in place); run it one run at a time")
-    for name, module in model.named_modules():
-        if isinstance(module, torch.nn.RNNBase):
-            key = "model.fused" if "fused" in cfg["model"] else "model"
-            return (f"{cfg.where(key)}: {name or 'the model'} is an nn.{type(module).__name__}, "
-                    f"whose fused kernel does not vectorise (model.fused: false uses tensor "
-                    f"operations)")
-    for name, module in model.named_modules():
-        if isinstance(module, torch.nn.modules.dropout._DropoutNd) and module.p > 0:
-            key = "model.dropout" if "dropout" in cfg["model"] else "model"
-            return (f"{cfg.where(key)}: dropout ({name}, p={module.p}) draws its masks from "
-                    f"the global random stream, which a population cannot share out as the "
-                    f"runs alone would; set its dropout to 0 or run one at a time")
-    return None
-
-
-def strip_varying(cfg, optimiser_names):
-    """A member's configuration without what may differ between members."""
-    stripped = {key: value for key, value in cfg.items() if key not in POPULATION_VARYING}
-    stripped["network_weight"] = {key: value for key, value in cfg["network_weight"].items()
-                                  if key not in optimiser_names}
-    return stripped
-
-
-def differing_key(reference, other, prefix=""):
-    """The first dotted key whose value differs between two mappings."""
-    for key in sorted(set(reference) | set(other), key=str):
-        a, b = reference.get(key), other.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            found = differing_key(a, b, f"{prefix}{key}.")
-            if found:
-                return found
-        elif a != b:
-            return f"{prefix}{key}"
-    return None
-
-
-def build_members(config, members, log_root, group, device):
-    """Resolved configurations, checks, the shared problem and program, and
-    one :class:`Member` per entry (fresh, or resumed from its checkpoint)."""
-    cfgs = []
-    for entry in members:
-        extra = configuration.normalise_overrides(entry.get("overrides"))
-        if device is not None:
-            extra.append(("device", device))
-        cfg = prepare(configuration.load(config, extra))
-        validate.check(cfg)
-        cfgs.append(cfg)
-    first = cfgs[0]
-    if "teaching" in first:
-        raise UserError(population_refusal(config, members[0].get("overrides")))
-    torch_device = pick_device(first["device"], first.where("device"))
-    dtype = {"float32": torch.float32, "float64": torch.float64}[first["dtype"]]
-    torch.manual_seed(first["seed"])
-    problem = load_problem(first, torch_device, dtype)
-    refusal = model_refusal(problem.model, first)
-    if refusal:
-        raise UserError(refusal)
-    if first["compile"]:
-        refusal = compile_refusal(problem, first)
-        if refusal:
-            raise UserError(refusal)
-    program, _ = build_program(first, problem, torch_device, dtype)
-    names = set(program.optimiser.hyperparameters)
-    reference = strip_varying(first, names)
-    built = []
-    for index, (cfg, entry) in enumerate(zip(cfgs, members)):
-        key = differing_key(reference, strip_varying(cfg, names))
-        if key:
-            raise UserError(f"{cfg.where(key)}: population members may differ only in "
-                            f"{', '.join(sorted(names))} (network_weight) and seed")
-        _, initial = build_program(cfg, problem, torch_device, dtype)
-        torch.manual_seed(cfg["seed"])  # as train.main: the same initial weights as alone
-        model = build_model(cfg, problem.data, torch_device, dtype)
-        weights = tuple(p.detach().clone() for p in model.parameters())
-        state = initial_state(program, cfg, weights, {}, initial, torch_device, dtype)
-        samplers = Sampled(problem, cfg["batch_size"], cfg["seed"], torch_device,
-                           program.validation_split)
-        run_dir = entry.get("run_dir")
-        if run_dir is None:
-            run_dir = make_run_dir(log_root, group, entry.get("name") or cfg["algorithm"])
-        run_dir = Path(run_dir)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        text = configuration.to_yaml(cfg)
-        atomic_write(run_dir / "config.yaml", lambda p, t=text: p.write_text(t))
-        member = Member(cfg, program, state, samplers, run_dir, index)
-        resumed = (run_dir / CHECKPOINT).is_file()
-        if resumed:
-            member.wall_time = load_state(run_dir / CHECKPOINT, member, cfg,
-                                               restore_random=False)
-        member.tracker = Tracker(run_dir, purge_step=member.weight_step if resumed else None)
-        if not resumed:
-            member.tracker.hparams(hparam_summary(cfg),
-                                   ["Loss/Test", "Loss/Validation", "Loss/Training"])
-        built.append(member)
-    return first, program, built, torch_device
-
-
-def stacked_indices(members, draw):
-    """Each member's indices from ``draw(member)``, stacked (None: whole split)."""
-    indices = [draw(member) for member in members]
-    return None if indices[0] is None else torch.stack(indices)
-
-
-def population_batches(members, program, network_weight_steps):
-    return {"training": [stacked_indices(members, lambda m: m.samplers.training.next())
-                         for _ in range(network_weight_steps)],
-            "validation": (stacked_indices(members, lambda m: m.samplers.validation.next())
-                           if program.recorded else None)}
-
-
-def freeze(alive, new, old):
-    """``new`` for live members, ``old`` for frozen ones (a mask, no sync)."""
-    def select(n, o):
-        mask = alive.reshape(alive.shape + (1,) * (n.dim() - 1))
-        return torch.where(mask, n, o)
-    return tree_map(select, new, old)
-
-
-def run_population(cfg, program, members, device, progress):
-    """Train ``members`` (all at the same step) as one vectorised population;
-    returns each member's results, in order."""
-    count = len(members)
-    transform = vectorised
-    if cfg["compile"]:
-        compile_ = compiler(device)
-        transform = lambda function: compile_(vectorised(function))  # noqa: E731
-    population = program.wrapped(transform)
-    state = stack([member.state for member in members])
-    network_weight_steps = cfg["network_weight_steps"]
-    compile_time = 0.0
-    if cfg["compile"]:
-        compile_time = warm_up_population(population, state, members, program,
-                                          network_weight_steps)
-    evaluate = {split: vectorised(functools.partial(_evaluate, program, split,
-                                                    cfg["evaluation_batch_size"]))
-                for split in {"test", program.validation_split}}
-    alive = torch.ones(count, dtype=torch.bool, device=device)
-    live = list(range(count))
-    total, interval, every = (cfg["hyperparameter_steps"], cfg["log_interval"],
-                              cfg["checkpoint_every"])
-    step_count = members[0].hyperparameter_step
-    weight_count = members[0].weight_step
-    results = [None] * count
-    bar = tqdm(total=total, initial=step_count, disable=not progress,
-               desc=f"{cfg['algorithm']} x{count}", unit="hstep", dynamic_ncols=True,
-               leave=False)
-    synchronise_device(device)
-    started = time.perf_counter()
-    pending = []  # (tag, tensor over members, weight step)
-    while step_count < total and live:
-        before = weight_count
-        new_state, metrics = population.step(state, population_batches(members, program,
-                                                                          network_weight_steps))
-        state = new_state if len(live) == count else freeze(alive, new_state, state)
-        step_count += 1
-        weight_count += network_weight_steps
-        for name, value in metrics["hypergradients"].items():
-            pending.append((f"Hypergradient/{name.title()}", value, weight_count))
-        bar.update(1)
-        if processes.preemption.requested():  # SLURM is preempting the job: save, then stop
-            save_members(members, live, state, step_count, weight_count, device,
-                         time.perf_counter() - started)
-            processes.preemption.saved()
-            raise processes.Preempted(f"preempted at hyperparameter step {step_count}")
-        done = step_count == total
-        if weight_count // interval > before // interval or done:
-            pending.append(("Loss/Training", state["last_training_loss"], weight_count))
-            indices = (stacked_indices(members, lambda m: m.samplers.log.next())
-                       if cfg["validation_evaluation"] == "minibatch" else None)
-            pending.extend((tag, value, weight_count) for tag, value in
-                           population_interval_metrics(cfg, program, evaluate, state, indices))
-            losses = flush_population(pending, members, live, program, state, weight_count)
-            pending = []
-            for index in list(live):
-                if not math.isfinite(losses[index]):  # frozen from here on; the others go on
-                    live.remove(index)
-                    alive[index] = False
-                    results[index] = finish_member(members[index], state, step_count,
-                                                   weight_count, "diverged",
-                                                   time.perf_counter() - started, compile_time,
-                                                   count)
-        if every and step_count % every == 0 and not done:
-            save_members(members, live, state, step_count, weight_count, device,
-                         time.perf_counter() - started)
-    synchronise_device(device)
-    elapsed = time.perf_counter() - started
-    bar.close()
-    for index in live:
-        results[index] = finish_member(members[index], state, step_count, weight_count,
-                                       "finished", elapsed, compile_time, count)
-    return results
-
-
-def save_members(members, live, state, step_count, weight_count, device, elapsed):
-    """Each live member's checkpoint in its own run directory, in the single-run format."""
-    synchronise_device(device)
-    for index in live:
-        member = members[index]
-        set_member(member, state, step_count, weight_count)
-        save_state(member.run_dir / CHECKPOINT, member, member.config, member.wall_time + elapsed)
-
-
-def _evaluate(program, split, chunk_size, weights, buffers, indices):
-    return program.evaluate(weights, buffers, split, chunk_size, indices)
-
-
-def population_interval_metrics(cfg, program, evaluate, state, log_indices):
-    """``[(tag, tensor over members)]``: as :func:`interval_metrics`, vectorised."""
-    splits = [("Test", "test", None)]
-    if cfg["validation_evaluation"] != "end":
-        splits.append(("Validation", program.validation_split, log_indices))
-    tagged = []
-    for label, split, indices in splits:
-        metrics = evaluate[split](state["weights"], state["buffers"], indices)
-        tagged.extend((f"{metric}/{label}", value) for metric, value in metrics.items())
-    natural = hyperparameters.natural(state["hyperparameters"], program.transforms)
-    for name, value in natural.items():
-        if isinstance(value, tuple):
-            tagged.append((f"Hyperparameter/{name.title()}_Mean",
-                           sum(v.flatten(1).sum(1) for v in value)
-                           / sum(v[0].numel() for v in value)))
-        else:
-            tagged.append((f"Hyperparameter/{name.title()}", value))
-    return tagged
-
-
-def flush_population(pending, members, live, program, state, step):
-    """Write the buffered values of the live members to their own
-    TensorBoard logs with one host transfer; returns each member's latest
-    training loss (NaN for members no longer live)."""
-    values = torch.stack([value.to(torch.float64).reshape(len(members))
-                          for _, value, _ in pending]).cpu().tolist()
-    for index in live:
-        member = members[index]
-        for (tag, _, at), row in zip(pending, values):
-            member.tracker.scalar(tag, row[index], at)
-        for name, raw in state["hyperparameters"].items():
-            if isinstance(raw, tuple):  # the per-weight histogram, as a single run logs it
-                natural = hyperparameters.natural({name: tuple(r[index] for r in raw)},
-                                                  program.transforms)[name]
-                member.tracker.histogram(f"Hyperparameter/{name.title()}",
-                                         torch.cat([v.reshape(-1) for v in natural]), step)
-        member.tracker.flush()
-    training = next(row for (tag, _, _), row in zip(reversed(pending), reversed(values))
-                    if tag == "Loss/Training")
-    return [training[index] if index in live else math.nan for index in range(len(members))]
-
-
-def set_member(member, state, step_count, weight_count):
-    """Bring ``member`` up to date with its slice of the population's state."""
-    member.state = member_state(state, member.index)
-    member.hyperparameter_step, member.weight_step = step_count, weight_count
-
-
-def finish_member(member, state, step_count, weight_count, status, elapsed, compile_time,
-                  population_size):
-    """Results of one member as a single run's: final metrics, ``Final/*``
-    logs, ``results.json``; its checkpoint has done its job."""
-    set_member(member, state, step_count, weight_count)
-    results = finish(member, member.config, member.tracker, (status, member.wall_time + elapsed),
-                     member.run_dir, None)
-    results.update(compile_time_s=compile_time, host=socket.gethostname(),
-                   population_size=population_size)
-    write_json(member.run_dir / RESULTS, results)
-    (member.run_dir / CHECKPOINT).unlink(missing_ok=True)
-    return results
-
-
-def warm_up_population(population, state, members, program, network_weight_steps):
-    """Compile the vectorised step before the timed loop (pure: nothing changes)."""
-    return compile_by_calling(population, state, shaped_batches(
-        members[0].samplers, program, network_weight_steps, state["weights"][0].device,
-        members=len(members)))
-
-
-def synchronise_device(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def allow_open_files(count):
-    """Raise the soft limit on open files towards ``count`` (within the hard limit)."""
-    try:
-        import resource
-        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-        wanted = count if hard == resource.RLIM_INFINITY else min(count, hard)
-        if soft != resource.RLIM_INFINITY and soft < wanted:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
-    except (ImportError, ValueError, OSError):
-        pass
-
-
-def main_population(config, members, *, log_root="runs", group=None, device=None, progress=True):
-    """Train ``members`` as one vectorised population; returns each member's
-    results (as :func:`main` returns, with ``run_dir``), in order.
-
-    ``config``: YAML paths (stacked), shared by all members. ``members``: a
-    list of ``{"overrides": {dotted key: value}, "run_dir": str | None,
-    "name": str | None}``; members may differ only in the weight
-    optimiser's hyperparameter values and ``seed``. Each member writes its
-    own run directory exactly as a single run does (``config.yaml`` that
-    reproduces it alone, TensorBoard logs, ``results.json``); a member whose
-    ``run_dir`` holds a ``checkpoint.pt`` resumes from it (members at
-    different steps train as separate populations). Raises
-    :class:`errors.UserError` for what cannot run vectorised.
-    """
-    if not members:
-        return []
-    allow_open_files(4 * len(members) + 256)  # each member's TensorBoard writer holds files
-    results = [None] * len(members)
-    with contextlib.ExitStack() as locks:
-        pending = []
-        for index, entry in enumerate(members):
-            done = lock_member_directory(entry.get("run_dir"), locks)
-            if done is not None:  # another process finished it while we waited
-                results[index] = done
-            else:
-                pending.append(index)
-        if not pending:
-            return results
-        cfg, program, built, torch_device = build_members(
-            config, [members[index] for index in pending], log_root, group, device)
-        for step_count in sorted({member.hyperparameter_step for member in built}):
-            group_members = [m for m in built if m.hyperparameter_step == step_count]
-            for index, member in enumerate(group_members):
-                member.index = index
-            for member, result in zip(group_members, run_population(cfg, program, group_members,
-                                                                    torch_device, progress)):
-                results[pending[built.index(member)]] = result
-    return results
-
-
-def lock_member_directory(run_dir, locks):
-    """Lock a member's run directory (held in ``locks`` until the population
-    ends), as :func:`main` locks a run's; returns the results already there if
-    another process finished it while we waited, else None."""
-    if run_dir is None:
-        return None  # a fresh, unique directory: nobody else can be in it
-    run_dir = Path(run_dir)
-    make_directory(run_dir, f"run_dir {run_dir}")
-    if locks.enter_context(processes.run_directory_lock(run_dir)):
-        done = finished_results(run_dir)
-        if done is not None:
-            return done
+def clear_failed_attempt(run_dir, resuming=False):
+    """What a killed attempt left in ``run_dir`` (the caller holds its lock):
+    temporary files, and its TensorBoard files if it left no checkpoint (its
+    steps are redone) and the run does not resume from ``-s``."""
     checkpoints.remove_stale_temporaries(run_dir)
-    if not (run_dir / CHECKPOINT).is_file():
-        remove_event_files(run_dir)  # an attempt killed before its first checkpoint
-    return None
+    if not (Path(run_dir) / CHECKPOINT).is_file() and not resuming:
+        for path in Path(run_dir).glob("events.out.tfevents.*"):
+            path.unlink(missing_ok=True)
+
+
+def write_config(run_dir, cfg):
+    """The resolved ``config.yaml``: rerunning it with ``train.py -c`` reproduces the run."""
+    text = configuration.to_yaml(cfg)
+    atomic_write(Path(run_dir) / "config.yaml", lambda path: path.write_text(text))
 
 
 def parse_arguments(argv):
@@ -851,7 +521,8 @@ def parse_arguments(argv):
 def cli(argv=None):
     arguments = parse_arguments(argv)
     if arguments.population is not None:
-        return population_cli(arguments)
+        import population  # imports this module's pieces of a run
+        return population.cli(arguments)
     if arguments.generator is not None:
         raise UserError("--generator: only with --population N")
     results = main(arguments.config, arguments.set, name=arguments.name, group=arguments.group,
@@ -862,35 +533,6 @@ def cli(argv=None):
     print(f"{results['status']}: {summary}")
     print(f"run directory: {results['run_dir']}")
     return 0 if results["status"] in ("finished", "diverged") else 1
-
-
-def population_cli(arguments):
-    """``--population N``: N members from the generator, trained as one population."""
-    import generators
-    if arguments.population < 1:
-        raise UserError(f"--population: must be an integer >= 1, got {arguments.population}")
-    for flag, value in (("--run-dir", arguments.run_dir), ("-S/--save", arguments.save),
-                        ("-s/--load", arguments.load)):
-        if value is not None:
-            raise UserError(f"{flag}: not with --population (each member writes, checkpoints "
-                            f"and resumes in its own run directory)")
-    overrides = generators.generate(arguments.generator or "natural_sgd", arguments.population,
-                                    arguments.seed or 0)
-    extra = dict(configuration.normalise_overrides(arguments.set))
-    base = arguments.name or configuration.load(arguments.config, list(extra.items()))["algorithm"]
-    members = [{"overrides": {**override, **extra}, "run_dir": None, "name": f"{base}-{index}"}
-               for index, override in enumerate(overrides)]
-    results = main_population(arguments.config, members, log_root=arguments.log_root,
-                              group=arguments.group, device=arguments.device,
-                              progress=not arguments.quiet)
-    for result in results:
-        loss = result["final"].get("Loss/Test", math.nan)
-        print(f"{result['status']}: test loss {loss:.5g}, run directory: {result['run_dir']}")
-    counts = {status: sum(r["status"] == status for r in results)
-              for status in ("finished", "diverged")}
-    print(f"population of {len(results)}: {counts['finished']} finished, "
-          f"{counts['diverged']} diverged")
-    return 0
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ Everything goes through the public entry points, so it measures what users
 get: ``train.py`` as separate processes (the whole process: start-up,
 imports, data loading, training, logging; how ``parallel_exec.py`` ran each
 run before populations), ``train.main`` in this process (data loading,
-training and logging; after one warm-up call), and ``train.main_population``
+training and logging; after one warm-up call), and ``population.main``
 for populations of N members, each with its own ``natural_sgd``
 initialisation and seed (the draws ``parallel_exec.py`` makes). Throughput is
 member weight steps per second of the whole call; ``loop`` is the training
@@ -43,6 +43,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import generators  # noqa: E402
+import population  # noqa: E402
 import train  # noqa: E402
 
 # The shared data root, as the tests use it, unless the user chose one (child processes inherit it).
@@ -128,26 +129,19 @@ def in_process(config, overrides, scratch):
     return seconds, result["wall_time_s"], weight_steps(result)
 
 
-def population(config, members_overrides, scratch):
+def population_call(config, members_overrides, scratch):
     """Seconds (whole call), loop seconds and total member weight steps of
-    one ``train.main_population`` call, and how many members diverged."""
+    one ``population.main`` call, and how many members diverged."""
     folder = Path(tempfile.mkdtemp(dir=scratch))
     members = [{"overrides": overrides, "run_dir": str(folder / f"member_{index}"), "name": f"member_{index}"}
                for index, overrides in enumerate(members_overrides)]
     started = time.perf_counter()
-    results = train.main_population(config, members, log_root=str(folder), progress=False)
+    results = population.main(config, members, log_root=str(folder), progress=False)
     seconds = time.perf_counter() - started
     shutil.rmtree(folder, ignore_errors=True)
     loop = max(result.get("wall_time_s", seconds) for result in results)
     diverged = sum(result["status"] != "finished" for result in results)
     return seconds, loop, sum(weight_steps(result) for result in results), diverged
-
-
-def population_unavailable(config, overrides):
-    if not hasattr(train, "main_population"):
-        return "train.py has no main_population (population engine of issue #11 not present)"
-    refusal = getattr(train, "population_refusal", lambda *_: None)
-    return refusal(config, overrides)
 
 
 def bench_workload(label, files, common, description, arguments, scratch):
@@ -168,12 +162,12 @@ def bench_workload(label, files, common, description, arguments, scratch):
         timings = [in_process(config, baseline[k], scratch) for k in range(arguments.processes)]
         row["in-process runs"] = sum(s for _, _, s in timings) / sum(t for t, _, _ in timings)
         row["in-process loop"] = sum(s for _, _, s in timings) / sum(l for _, l, _ in timings)
-        reason = population_unavailable(config, overrides[0])
+        reason = population.refusal(config, overrides[0])
         if reason:
             print(f"  {algorithm}: population path unavailable: {reason}")
         else:
             for n in sizes:
-                seconds, loop, member_steps, diverged = population(config, overrides[:n], scratch)
+                seconds, loop, member_steps, diverged = population_call(config, overrides[:n], scratch)
                 row[f"N={n}"] = member_steps / seconds
                 row[f"N={n} loop"] = member_steps / loop
                 if diverged:

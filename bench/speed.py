@@ -31,6 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import config  # noqa: E402
+import population  # noqa: E402
 import train  # noqa: E402
 from datasets import Data  # noqa: E402
 from engine import Problem, Trainer  # noqa: E402
@@ -131,16 +132,16 @@ def population_speed(size, device, repeats=5, hyperparameter_steps=3):
         members = [{"overrides": {**override, "device": str(device)}, "run_dir": None,
                     "name": None} for override in generators.generate("natural_sgd", size, 0)]
         with tempfile.TemporaryDirectory() as log_root:
-            cfg, program, built, _ = train.build_members(
+            cfg, program, built, _ = population.build_members(
                 [ROOT / "configs" / "uci_energy.yaml", ROOT / "configs" / f"{algorithm}.yaml"],
                 members, log_root, None, None)
             for member in built:
                 member.tracker.close()
-        population, single = program.wrapped(vectorised), program
+        vmapped, single = program.wrapped(vectorised), program
         states = {"population": stack([m.state for m in built]), "single": built[0].state}
         steps = cfg["network_weight_steps"]
         batches = {"training": [None] * steps, "validation": None}
-        runners = {"population": population, "single": single}
+        runners = {"population": vmapped, "single": single}
 
         def block(name):
             state = states[name]

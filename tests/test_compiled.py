@@ -58,15 +58,21 @@ def test_compiled_step_matches_eager(algorithm, overrides, digits_trainer):
                                        rtol=1e-8, atol=1e-14)
 
 
-def test_compiled_steps_hold_no_tensors_across_hyperparameter_steps(digits_trainer):
+def test_compiled_steps_hold_no_tensors_and_advance_the_counters_without_recompiling(
+        digits_trainer):
+    """The step counters are tensors in the state: the compiled pieces advance
+    them and are not specialised on their values (a recompile is an error here)."""
     from test_hypergradients import count_tensors
     trainer = run_steps(seeded(digits_trainer, "Ours_LR_Momentum", dtype="float64",
                                compile=True), 3)
     before = count_tensors()
-    for _ in range(10):
-        trainer.step()
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for _ in range(10):
+            trainer.step()
     after = count_tensors()
     assert after <= before + 2, (before, after)
+    assert trainer.hyperparameter_step == 13
+    assert trainer.weight_step == 13 * trainer.network_weight_steps
 
 
 def test_compiled_run_resumes_bitwise_and_reports_compile_time(tmp_path, monkeypatch):

@@ -1,5 +1,5 @@
 """Populations: many runs of one configuration as one ``torch.func.vmap``
-over the pure step (``train.main_population``, ``train.py --population``).
+over the pure step (``population.main``, ``train.py --population``).
 
 A member must give what the same run gives alone (float64: rtol 1e-10),
 write its run directory as a single run does, freeze alone when it
@@ -15,6 +15,7 @@ import torch
 import config
 import generators
 import linear_solvers
+import population
 import train
 from errors import UserError
 from optimisers import HYPERPARAMETER_OPTIMISERS, OPTIMISERS
@@ -40,13 +41,13 @@ def members_of(count, seed, settings, tmp_path, generator="natural_sgd"):
              "name": None} for k, override in enumerate(draws)]
 
 
-def assert_same_run(population, alone, rtol):
-    assert population["status"] == alone["status"]
-    assert population["network_weight_steps_done"] == alone["network_weight_steps_done"]
+def assert_same_run(member, alone, rtol):
+    assert member["status"] == alone["status"]
+    assert member["network_weight_steps_done"] == alone["network_weight_steps_done"]
     for section in ("final", "hyperparameters"):
-        assert set(population[section]) == set(alone[section])
+        assert set(member[section]) == set(alone[section])
         for key, value in alone[section].items():
-            assert population[section][key] == pytest.approx(value, rel=rtol, abs=1e-300), \
+            assert member[section][key] == pytest.approx(value, rel=rtol, abs=1e-300), \
                 (section, key)
 
 
@@ -54,9 +55,9 @@ def assert_same_run(population, alone, rtol):
 def test_members_equal_the_same_runs_alone(algorithm, tmp_path):
     sources = [CONFIGS / "digits.yaml", CONFIGS / f"{algorithm}.yaml"]
     members = members_of(3, 11, SHORT, tmp_path)
-    population = train.main_population(sources, members, progress=False)
+    together = population.main(sources, members, progress=False)
     hyperparameters = set()
-    for member, result in zip(members, population):
+    for member, result in zip(members, together):
         assert result["population_size"] == 3 and result["run_dir"] == member["run_dir"]
         alone = train.main(sources, member["overrides"], log_root=tmp_path / "alone",
                            progress=False)
@@ -74,7 +75,7 @@ def test_float32_members_equal_runs_alone_to_rounding(dataset, settings, tmp_pat
         request.getfixturevalue("uci_available")
     sources = [CONFIGS / f"{dataset}.yaml", CONFIGS / "Ours_LR_Momentum.yaml"]
     members = members_of(3, 4, {**SHORT, **settings}, tmp_path)
-    for member, result in zip(members, train.main_population(sources, members, progress=False)):
+    for member, result in zip(members, population.main(sources, members, progress=False)):
         alone = train.main(sources, member["overrides"], log_root=tmp_path / "alone",
                            progress=False)
         assert_same_run(result, alone, rtol=1e-4)
@@ -110,7 +111,7 @@ def test_member_config_reproduces_the_member_alone(tmp_path, capsys):
 def test_per_weight_learning_rates_are_logged_per_member(tmp_path):
     from test_train import scalars
     members = members_of(2, 0, SHORT, tmp_path)
-    train.main_population([CONFIGS / "digits.yaml", CONFIGS / "Ours_HDLR_Momentum.yaml"],
+    population.main([CONFIGS / "digits.yaml", CONFIGS / "Ours_HDLR_Momentum.yaml"],
                           members, progress=False)
     for member in members:
         logged = scalars(member["run_dir"])
@@ -128,11 +129,11 @@ def test_a_diverging_member_is_frozen_and_the_others_go_on(algorithm, tmp_path):
     lrs = [-2.0, 0.0, -2.5]  # the middle one (lr 1, the clipping bound) diverges
     members = [{"overrides": {**settings, "network_weight.lr": lr, "seed": k},
                 "run_dir": str(tmp_path / f"m{k}")} for k, lr in enumerate(lrs)]
-    population = train.main_population(sources, members, progress=False)
-    assert [r["status"] for r in population] == ["finished", "diverged", "finished"]
-    assert population[1]["network_weight_steps_done"] < 120
-    assert population[1]["objective"] == 1e10
-    for member, result in zip(members, population):
+    together = population.main(sources, members, progress=False)
+    assert [r["status"] for r in together] == ["finished", "diverged", "finished"]
+    assert together[1]["network_weight_steps_done"] < 120
+    assert together[1]["objective"] == 1e10
+    for member, result in zip(members, together):
         alone = train.main(sources, member["overrides"], log_root=tmp_path / "alone",
                            progress=False)
         assert result["network_weight_steps_done"] == alone["network_weight_steps_done"]
@@ -145,7 +146,7 @@ def test_killed_population_resumes_bit_for_bit(tmp_path, monkeypatch):
     sources = [CONFIGS / "digits.yaml", CONFIGS / "Ours_LR_Momentum.yaml"]
     settings = {"hyperparameter_steps": 8, "checkpoint_every": 3, "device": "cpu",
                 "log_interval": 10}
-    whole = train.main_population(sources, members_of(3, 1, settings, tmp_path / "whole"),
+    whole = population.main(sources, members_of(3, 1, settings, tmp_path / "whole"),
                                   progress=False)
     calls = {"count": 0}
     original = Program.step
@@ -159,32 +160,83 @@ def test_killed_population_resumes_bit_for_bit(tmp_path, monkeypatch):
     monkeypatch.setattr(Program, "step", step_then_die)
     killed = members_of(3, 1, settings, tmp_path / "killed")
     with pytest.raises(KeyboardInterrupt):
-        train.main_population(sources, killed, progress=False)
+        population.main(sources, killed, progress=False)
     assert all((Path(m["run_dir"]) / "checkpoint.pt").is_file() for m in killed)
     monkeypatch.setattr(Program, "step", original)
+    # one member's checkpoint as written before the counters moved into the state
+    from test_train import as_written_before_the_counters_moved_into_the_state
+    as_written_before_the_counters_moved_into_the_state(Path(killed[2]["run_dir"]) / "checkpoint.pt")
     # one member resumes alone, as a single run; the other two as a re-packed population
     alone = train.main(sources, run_dir=killed[0]["run_dir"], overrides=killed[0]["overrides"],
                        progress=False)
-    resumed = [alone] + train.main_population(sources, killed[1:], progress=False)
+    resumed = [alone] + population.main(sources, killed[1:], progress=False)
     for before, after in zip(whole, resumed):
         assert after["final"] == before["final"]
         assert after["hyperparameters"] == before["hyperparameters"]
         assert after["network_weight_steps_done"] == before["network_weight_steps_done"]
 
 
+@pytest.mark.parametrize("algorithm", ["Random", "Baydin", "Ours_LR_Momentum", "DiffThroughOpt"])
+def test_each_members_counters_live_in_the_population_state(algorithm, tmp_path):
+    """The pure step advances the step counters in the state: vmapped, each
+    member's equal what the same run's own eager step gives (plain updates
+    only, differentiated updates only, both)."""
+    cfg, program, members, _ = population.build_members(
+        [CONFIGS / "digits.yaml", CONFIGS / f"{algorithm}.yaml"],
+        members_of(3, 0, SHORT, tmp_path), "runs", None, None)
+    steps = cfg["network_weight_steps"]
+    alone = [member.state for member in members]
+    state = stack(alone)
+    vmapped = program.wrapped(vectorised)
+    for _ in range(2):
+        member_batches = [member.samplers.batches(program, steps) for member in members]
+        stacked = {"training": [population.stacked_indices(member_batches,
+                                                           lambda b, k=k: b["training"][k])
+                                for k in range(steps)],
+                   "validation": population.stacked_indices(member_batches,
+                                                            lambda b: b["validation"])}
+        state, _ = vmapped.step(state, stacked)
+        alone = [program.step(one, batches)[0] for one, batches in zip(alone, member_batches)]
+    assert state["hyperparameter_step"].dtype == torch.int64
+    assert state["hyperparameter_step"].tolist() == [2, 2, 2]
+    assert state["weight_step"].tolist() == [2 * steps] * 3
+    assert [int(one["weight_step"]) for one in alone] == state["weight_step"].tolist()
+    assert [int(one["hyperparameter_step"]) for one in alone] == [2, 2, 2]
+    for member in members:
+        member.tracker.close()
+
+
+def test_refusal_reads_a_dataset_once_and_only_for_its_sizes(monkeypatch):
+    """The fan-out asks once per algorithm; the model is built on the meta
+    device (no weights) from the data's sizes, read once per dataset."""
+    import datasets
+    reads = []
+    original = datasets.load_data
+    monkeypatch.setattr(datasets, "load_data",
+                        lambda *arguments, **options: reads.append(1) or original(*arguments,
+                                                                                  **options))
+    monkeypatch.setattr(population, "_DATA_SIZES", {})
+    for algorithm in ("Lorraine", "Ours_LR", "Ours_HDLR_Momentum"):  # one validation split
+        assert population.refusal([CONFIGS / "diabetes.yaml", CONFIGS / f"{algorithm}.yaml"]) is None
+    assert len(reads) == 1
+    structure = population.model_structure(population.train.prepare(config.load(
+        [CONFIGS / "diabetes.yaml", CONFIGS / "Random.yaml"], [])))
+    assert all(weight.is_meta for weight in structure.parameters())
+
+
 def test_population_memory_stays_flat(tmp_path):
     """A population's step keeps nothing alive across hyperparameter steps."""
     from test_hypergradients import count_tensors
-    cfg, program, members, _ = train.build_members(
+    cfg, program, members, _ = population.build_members(
         [CONFIGS / "digits.yaml", CONFIGS / "Ours_HDLR_Momentum.yaml"],
         members_of(4, 0, SHORT, tmp_path), "runs", None, None)
-    population = program.wrapped(vectorised)
+    vmapped = program.wrapped(vectorised)
     state = stack([m.state for m in members])
     for _ in range(3):
-        state, _ = population.step(state, train.population_batches(members, program, 4))
+        state, _ = vmapped.step(state, population.batches(members, program, 4))
     before = count_tensors()
     for _ in range(10):
-        state, _ = population.step(state, train.population_batches(members, program, 4))
+        state, _ = vmapped.step(state, population.batches(members, program, 4))
     assert count_tensors() <= before + 2
     for member in members:
         member.tracker.close()
@@ -268,10 +320,10 @@ def test_outer_optimisers_run_batched(name, options):
 
 def test_what_does_not_vectorise_is_refused_with_one_line_naming_the_key(tmp_path):
     digits = [CONFIGS / "digits.yaml", CONFIGS / "Ours_LR_Momentum.yaml"]
-    assert train.population_refusal(digits, {"device": "cpu"}) is None
-    batch_norm = train.population_refusal(digits, {"model.batch_norm": True, "device": "cpu"})
+    assert population.refusal(digits, {"device": "cpu"}) is None
+    batch_norm = population.refusal(digits, {"model.batch_norm": True, "device": "cpu"})
     assert batch_norm.startswith("--set: model.batch_norm: a population cannot vectorise")
-    teaching = train.population_refusal([CONFIGS / "digits_teaching.yaml",
+    teaching = population.refusal([CONFIGS / "digits_teaching.yaml",
                                          CONFIGS / "Commentary_ExampleWeighting.yaml"])
     assert "teaching" in teaching and "population" in teaching
     for reason in (batch_norm, teaching):
@@ -280,7 +332,7 @@ def test_what_does_not_vectorise_is_refused_with_one_line_naming_the_key(tmp_pat
                {"overrides": {"device": "cpu", "seed": 2, "hyperparameter_steps": 5}}]
     with pytest.raises(UserError, match="^--set: hyperparameter_steps: population members may "
                                         "differ only in"):
-        train.main_population(digits, members, log_root=tmp_path, progress=False)
+        population.main(digits, members, log_root=tmp_path, progress=False)
 
 
 def test_lstm_and_dropout_are_refused(tmp_path):
@@ -292,11 +344,11 @@ def test_lstm_and_dropout_are_refused(tmp_path):
     sources = [CONFIGS / "penn_treebank.yaml", CONFIGS / "Ours_LR_Momentum.yaml"]
     small = {"data_root": str(tmp_path), "dataset.sequence_length": 4, "batch_size": 4,
              "model.embedding_size": 8, "model.hidden_size": 8, "device": "cpu"}
-    fused = train.population_refusal(sources, {**small, "model.fused": True})
+    fused = population.refusal(sources, {**small, "model.fused": True})
     assert fused.startswith("--set: model.fused:") and "nn.LSTM" in fused
-    dropout = train.population_refusal(sources, small)
+    dropout = population.refusal(sources, small)
     assert dropout.startswith(f"{CONFIGS / 'penn_treebank.yaml'}: model.dropout:")
-    assert train.population_refusal(sources, {**small, "model.dropout": 0.0}) is None
+    assert population.refusal(sources, {**small, "model.dropout": 0.0}) is None
 
 
 def test_population_command_line_errors_exit_2(tmp_path, capsys):
@@ -325,9 +377,9 @@ def test_batch_size_full_and_larger_than_the_split_mean_the_whole_split(digits_t
 
 def test_compiled_population_matches_eager_population(tmp_path):
     sources = [CONFIGS / "digits.yaml", CONFIGS / "Ours_LR_Momentum.yaml"]
-    eager = train.main_population(sources, members_of(3, 2, SHORT, tmp_path / "eager"),
+    eager = population.main(sources, members_of(3, 2, SHORT, tmp_path / "eager"),
                                   progress=False)
-    compiled = train.main_population(
+    compiled = population.main(
         sources, members_of(3, 2, {**SHORT, "compile": True}, tmp_path / "compiled"),
         progress=False)
     for a, b in zip(compiled, eager):

@@ -1,11 +1,7 @@
 """parallel_exec.py --population-size: each algorithm's runs packed into
-vectorised populations (``train.main_population``), with the run
+vectorised populations (``population.main``), with the run
 directories, skip-finished, resume, failure records and results of the
 per-run fan-out. Real training on the embedded digits data, a few steps.
-
-The tests that train populations need the population engine of issue #11
-(``train.main_population``, ``train.population_refusal``); they are skipped,
-saying so, where this ``train.py`` has none.
 """
 import json
 import math
@@ -26,13 +22,6 @@ REPOSITORY = Path(__file__).resolve().parents[1]
 DIGITS = str(REPOSITORY / "configs" / "digits.yaml")
 TEACHING = str(REPOSITORY / "configs" / "digits_teaching.yaml")
 SHORT = ["hyperparameter_steps=3", "log_interval=10", "device=cpu"]
-
-
-@pytest.fixture
-def population_engine():
-    import train
-    if not (hasattr(train, "main_population") and hasattr(train, "population_refusal")):
-        pytest.skip("train.py has no population engine yet (train.main_population, issue #11 part 1)")
 
 
 def fanout(log_root, group, *extra, algorithms=("Random", "Ours_LR_Momentum"), repetitions=5,
@@ -82,7 +71,6 @@ def test_campaign_key_population_size(tmp_path):
 
 
 def test_a_refused_configuration_runs_one_process_per_run_and_says_so(tmp_path, capsys):
-    import train
     tiny = ["teaching.outer_steps=2", "teaching.inner_steps=2", "teaching.log_interval=1",
             "teaching.eval_learners=1", "device=cpu"]
     status = parallel_exec.main(["-c", TEACHING, "--algorithms", "GTN_RealDataBaseline", "--repetitions", "2",
@@ -94,10 +82,7 @@ def test_a_refused_configuration_runs_one_process_per_run_and_says_so(tmp_path, 
     summary = json.loads((tmp_path / "teach" / "summary.json").read_text())
     assert summary["counts"] == {"finished": 2} and summary["populations"] == []
     reason = summary["not_vectorised"]["GTN_RealDataBaseline"]["reason"]
-    if hasattr(train, "population_refusal"):
-        assert "teaching" in reason  # names the key
-    else:
-        assert reason == "this train.py has no population engine"
+    assert "teaching" in reason  # names the key
     assert [line["run_dir"] for line in summary["runs"]] == [
         str((tmp_path / "teach" / "digits_teaching" / "GTN_RealDataBaseline" / f"rep_{k}").resolve())
         for k in range(2)]
@@ -105,7 +90,7 @@ def test_a_refused_configuration_runs_one_process_per_run_and_says_so(tmp_path, 
 
 # ------------------------------------------------------------------ real populations
 
-def test_populations_give_the_per_run_fanouts_runs_member_by_member(tmp_path, population_engine):
+def test_populations_give_the_per_run_fanouts_runs_member_by_member(tmp_path):
     float64 = [*SHORT, "dtype=float64"]
     status, alone = fanout(tmp_path, "alone", steps=float64, repetitions=3)
     assert status == 0
@@ -144,7 +129,7 @@ def test_populations_give_the_per_run_fanouts_runs_member_by_member(tmp_path, po
         assert row["runs"] == 3 and row["median"] == pytest.approx(reference[algorithm]["median"], rel=1e-8)
 
 
-def test_rerun_skips_finished_members_and_repacks_the_rest(tmp_path, population_engine):
+def test_rerun_skips_finished_members_and_repacks_the_rest(tmp_path):
     arguments = ("--population-size", "4")
     status, first = fanout(tmp_path, "again", *arguments, algorithms=("Ours_LR_Momentum",), repetitions=4)
     assert status == 0 and first["counts"] == {"finished": 4}
@@ -161,7 +146,7 @@ def test_rerun_skips_finished_members_and_repacks_the_rest(tmp_path, population_
     assert third["counts"] == {"finished": 4}
 
 
-def test_a_killed_populated_fanout_resumes_its_members_from_their_checkpoints(tmp_path, population_engine):
+def test_a_killed_populated_fanout_resumes_its_members_from_their_checkpoints(tmp_path):
     steps = ["hyperparameter_steps=40", "checkpoint_every=2", "batch_size=32", "log_interval=50",
              "device=cpu", "dtype=float64"]
     command = [sys.executable, str(REPOSITORY / "parallel_exec.py"), "-c", DIGITS, "--algorithms",
@@ -193,7 +178,7 @@ def test_a_killed_populated_fanout_resumes_its_members_from_their_checkpoints(tm
             assert got["final"][metric] == pytest.approx(value, rel=1e-10, abs=1e-14), (key, metric)
 
 
-def test_one_failing_population_is_recorded_for_each_member_and_the_others_go_on(tmp_path, population_engine):
+def test_one_failing_population_is_recorded_for_each_member_and_the_others_go_on(tmp_path):
     broken = tmp_path / "broken" / "digits" / "Random" / "rep_0"
     broken.mkdir(parents=True)
     (broken / "checkpoint.pt").write_bytes(b"not a checkpoint")  # its population cannot resume

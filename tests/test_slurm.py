@@ -238,9 +238,6 @@ def test_preemption_checkpoints_the_current_step_not_the_last_periodic_one(slurm
 
 
 def test_populations_run_as_one_array_task_each(slurm_cluster, tmp_path):
-    import train
-    if not hasattr(train, "main_population"):
-        pytest.skip("train.py has no population engine yet (train.main_population, issue #11 part 1)")
     arguments = ["-c", ENERGY, "--algorithms", "Random", "Ours_LR", "--repetitions", "3",
                  "--population-size", "2", "--executor", "slurm", "--slurm", LOCAL_SLURM,
                  "-l", str(tmp_path), "-g", "populations", "--set", "hyperparameter_steps=20",
@@ -271,9 +268,7 @@ def test_populations_run_as_one_array_task_each(slurm_cluster, tmp_path):
 
 
 def test_preempted_population_requeues_and_resumes_to_the_same_results(slurm_cluster, tmp_path):
-    import train
-    if not hasattr(train, "main_population"):
-        pytest.skip("train.py has no population engine yet (train.main_population, issue #11 part 1)")
+    import population
     stack = [ENERGY, str(REPOSITORY / "configs" / "Ours_LR_Momentum.yaml")]
     common = {"hyperparameter_steps": 400, "checkpoint_every": 20}
     overrides = [{**common, "seed": seed, "network_weight.lr": lr}
@@ -291,8 +286,8 @@ def test_preempted_population_requeues_and_resumes_to_the_same_results(slurm_clu
     results = handle.result()
     # The uninterrupted population, in this process (population against runs alone is
     # test_population_fanout's and the engine's tests' business).
-    reference = train.main_population(stack, [{**m, "run_dir": str(tmp_path / f"reference_{k}")}
-                                               for k, m in enumerate(members)], progress=False)
+    reference = population.main(stack, [{**m, "run_dir": str(tmp_path / f"reference_{k}")}
+                                         for k, m in enumerate(members)], progress=False)
     assert [r["run_dir"] for r in results] == [m["run_dir"] for m in members]
     for got, expected in zip(results, reference):
         assert got["status"] == "finished" and got["hyperparameter_steps_done"] == 400

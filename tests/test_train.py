@@ -190,7 +190,23 @@ def test_sigkilled_process_resumes_to_the_same_result(tmp_path):
     assert final_state(resumed) == final_state(whole)
 
 
-def test_save_then_load_continues_the_same_run(tmp_path):
+def as_written_before_the_counters_moved_into_the_state(path):
+    """Rewrite a checkpoint in the layout it had when the step counters were
+    ints beside the state (``{"state", "samplers", "hyperparameter_step",
+    "weight_step"}``); returns them."""
+    saved = checkpoints.read(path, str(path))
+    trainer = saved["trainer"]
+    state = dict(trainer["state"])
+    counters = {key: int(state.pop(key)) for key in ("hyperparameter_step", "weight_step")}
+    saved["trainer"] = {**trainer, "state": state, **counters}
+    checkpoints.write(path, saved)
+    return counters
+
+
+@pytest.mark.parametrize("layout", ["current", "counters_beside_the_state"])
+def test_save_then_load_continues_the_same_run(layout, tmp_path):
+    """Also from a checkpoint written before the step counters moved into the
+    state: it resumes unchanged."""
     sources = [CONFIGS / "digits.yaml", CONFIGS / "DiffThroughOpt.yaml"]
     whole = train.main(sources, {"hyperparameter_steps": 8, "device": "cpu"},
                        log_root=tmp_path, progress=False)
@@ -199,9 +215,41 @@ def test_save_then_load_continues_the_same_run(tmp_path):
                save=saved, progress=False)
     state = checkpoints.read(saved, "half.pt")  # torch.load(weights_only=True), checksummed
     assert state["config"]["algorithm"] == "DiffThroughOpt"  # the config travels with it
+    if layout == "counters_beside_the_state":
+        assert as_written_before_the_counters_moved_into_the_state(saved) == {
+            "hyperparameter_step": 4, "weight_step": 40}
     continued = train.main(sources, {"hyperparameter_steps": 8, "device": "cpu"},
                            log_root=tmp_path, load=saved, progress=False)
     assert final_state(continued) == final_state(whole)
+    assert continued["hyperparameter_steps_done"] == 8
+
+
+@pytest.mark.parametrize("entry", ["run", "population"])
+def test_the_loops_read_the_step_counters_when_they_start_and_end_not_per_step(
+        entry, tmp_path, monkeypatch):
+    """The counters are device tensors in the state; reading one waits for the
+    device, so the loops count the steps they ask for themselves."""
+    import population
+    from engine import Trainer
+    reads = []
+    for name in ("hyperparameter_step", "weight_step"):
+        counted = property(lambda self, read=getattr(Trainer, name).fget:
+                           reads.append(1) or read(self))
+        monkeypatch.setattr(Trainer, name, counted)
+        monkeypatch.setattr(population.Member, name, counted)
+    sources = [CONFIGS / "digits.yaml", CONFIGS / "Ours_LR.yaml"]
+
+    def reads_in_a_run_of(steps):
+        reads.clear()
+        settings = {"hyperparameter_steps": steps, "log_interval": 10, "device": "cpu"}
+        if entry == "run":
+            train.main(sources, settings, log_root=tmp_path, progress=False)
+        else:
+            population.main(sources, [{"overrides": {**settings, "seed": seed}}
+                                      for seed in (1, 2)], log_root=tmp_path, progress=False)
+        return len(reads)
+
+    assert reads_in_a_run_of(2) == reads_in_a_run_of(12)
 
 
 def test_run_directories_are_unique_and_hold_the_resolved_config(tmp_path):
