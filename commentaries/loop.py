@@ -121,6 +121,46 @@ class TeachingMethod:
         ``TrainWithCommentary``; ``None`` if this method's teachers cannot teach a student."""
         return None
 
+    def population_refusal(self):
+        """None if runs of this configuration over seeds can train as one
+        population (:mod:`commentaries.population`), else the one-line
+        reason, naming the ``teaching.<key>``."""
+        return (f"teaching.class: {self.name} does not run as a population (its outer step is "
+                f"not a pure function of its state); run it one seed at a time")
+
+
+class PureTeachingMethod(TeachingMethod):
+    """A method whose outer step is a pure function
+    ``pure_outer_step(state, inputs) -> (state, metrics)`` of a tree of
+    tensors (the teacher and its outer optimiser's state) and of the step's
+    random draws (``outer_inputs(step)``: a fresh student, its batches),
+    written with ``torch.func``. A run applies it to its own state; a
+    population of seeds applies it once, ``torch.func.vmap``-ed over the
+    members' stacked states and draws, so each member computes what it
+    would alone. The state must be in :meth:`checkpointed` (the loop saves
+    and restores it)."""
+
+    def population_refusal(self):
+        return None
+
+    def outer_state(self):
+        raise NotImplementedError
+
+    def load_outer_state(self, state):
+        raise NotImplementedError
+
+    def outer_inputs(self, step):
+        """The step's random draws, from the run's own generators (never the global stream)."""
+        raise NotImplementedError
+
+    def pure_outer_step(self, state, inputs):
+        raise NotImplementedError
+
+    def outer_step(self, step):
+        state, metrics = self.pure_outer_step(self.outer_state(), self.outer_inputs(step))
+        self.load_outer_state(state)
+        return metrics
+
 
 def _state_of(value):
     if isinstance(value, torch.Generator):
@@ -135,7 +175,7 @@ def _state_of(value):
 
 
 def _load_state(target, state):
-    """Restore in place, so optimisers keep pointing at the same tensors."""
+    """Restore in place, so optimisers keep pointing at the same tensors (on their device)."""
     if isinstance(target, torch.Generator):
         target.set_state(state)
     elif torch.is_tensor(target):
@@ -143,7 +183,8 @@ def _load_state(target, state):
             target.copy_(state)
     elif isinstance(target, dict):
         for key, item in state.items():
-            if key in target and (torch.is_tensor(target[key]) or hasattr(target[key], "load_state_dict")):
+            if key in target and (torch.is_tensor(target[key]) or hasattr(target[key], "load_state_dict")
+                                  or (isinstance(target[key], dict) and isinstance(item, dict))):
                 _load_state(target[key], item)
             else:
                 target[key] = item
