@@ -336,10 +336,7 @@ def run_teaching(cfg, run_dir, device, progress):
     import commentaries
     from commentaries.loop import Context
 
-    context = Context(run_dir=run_dir, device=device, seed=cfg["seed"], progress=progress,
-                      description=cfg["algorithm"], checkpoint_every=cfg["checkpoint_every"],
-                      divergence_penalty=cfg["divergence_penalty"],
-                      validation_proportion=cfg["validation_proportion"], data_root=cfg["data_root"])
+    context = Context.from_config(cfg, run_dir, device, progress)
     try:
         results = commentaries.run(cfg["teaching"], context, where=cfg.where("teaching"))
     except UserError as error:  # deep checks know the key; name its file too
@@ -455,9 +452,9 @@ def population_refusal(config, overrides=None):
     """None if this configuration can run as a vectorised population, else
     the one-line reason, naming the key."""
     cfg = prepare(configuration.load(config, configuration.normalise_overrides(overrides)))
-    if "teaching" in cfg:
-        return (f"{cfg.where('teaching')}: learning-to-teach methods do not run as a "
-                f"population (they train their own students); run them one at a time")
+    if "teaching" in cfg:  # populations of seeds, where the method's outer step is pure
+        from commentaries import population
+        return population.refusal(cfg)
     device = pick_device(cfg["device"])
     dtype = {"float32": torch.float32, "float64": torch.float64}[cfg["dtype"]]
     torch.manual_seed(cfg["seed"])
@@ -781,6 +778,10 @@ def main_population(config, members, *, log_root="runs", group=None, device=None
     if not members:
         return []
     allow_open_files(4 * len(members) + 256)  # each member's TensorBoard writer holds files
+    if is_teaching(config, members[0]):
+        from commentaries import population
+        return population.main(config, members, log_root=log_root, group=group, device=device,
+                               progress=progress)
     results = [None] * len(members)
     with contextlib.ExitStack() as locks:
         pending = []
@@ -802,6 +803,11 @@ def main_population(config, members, *, log_root="runs", group=None, device=None
                                                                     torch_device, progress)):
                 results[pending[built.index(member)]] = result
     return results
+
+
+def is_teaching(config, entry):
+    return "teaching" in configuration.load(config, configuration.normalise_overrides(
+        entry.get("overrides")))
 
 
 def lock_member_directory(run_dir, locks):
@@ -843,7 +849,8 @@ def parse_arguments(argv):
                              "its own hyperparameter initialisation and seed from --generator "
                              "(seeded by --seed) and its own run directory")
     parser.add_argument("--generator", help="with --population: the initialisations' generator "
-                                            "(default natural_sgd; as parallel_exec.py)")
+                                            "(default natural_sgd; for a teaching config iteration_id: "
+                                            "seeds S, S+1, ...; as parallel_exec.py)")
     return parser.parse_args(argv)
 
 
@@ -874,9 +881,10 @@ def population_cli(arguments):
         if value is not None:
             raise UserError(f"{flag}: not with --population (each member writes, checkpoints "
                             f"and resumes in its own run directory)")
-    overrides = generators.generate(arguments.generator or "natural_sgd", arguments.population,
-                                    arguments.seed or 0)
     extra = dict(configuration.normalise_overrides(arguments.set))
+    default = "iteration_id" if is_teaching(arguments.config, {"overrides": extra}) else "natural_sgd"
+    overrides = generators.generate(arguments.generator or default, arguments.population,
+                                    arguments.seed or 0)  # teaching: seeds S, S+1, ...
     base = arguments.name or configuration.load(arguments.config, list(extra.items()))["algorithm"]
     members = [{"overrides": {**override, **extra}, "run_dir": None, "name": f"{base}-{index}"}
                for index, override in enumerate(overrides)]

@@ -11,6 +11,7 @@ students trained with a frozen teacher (:class:`FrozenTeaching`,
 core's (:mod:`hypergradients`), the loop is :mod:`commentaries.loop`.
 """
 import contextlib
+import dataclasses
 import io
 import math
 
@@ -81,7 +82,12 @@ def load_data(spec, context, where="teaching.data"):
                               data_root=getattr(context, "data_root", None), where=where)
     if data.task != "classification":
         raise UserError(f"{where}: the teaching methods need a classification dataset, not {data.name}")
-    return data.to(context.device)
+    data = data.to(context.device)
+    dtype = getattr(context, "dtype", torch.float32)
+    return dataclasses.replace(data, **{field.name: getattr(data, field.name).to(dtype)
+                                        for field in dataclasses.fields(data)
+                                        if torch.is_tensor(getattr(data, field.name))
+                                        and getattr(data, field.name).is_floating_point()})
 
 
 def build_student(spec, data, where, default="CNN"):

@@ -96,7 +96,7 @@ class Problem:
                         lambda state, _: self.validation_loss(inner.weights(state)),
                         chunk_size=chunk_size or None, truncation=truncation or None)
 
-    def objective(self, teacher_params, seeds, device, dtype=torch.float32):
+    def objective(self, teacher_params, seeds, device, dtype=None):
         """Mean validation loss after ``K`` weighted steps from fixed student
         initialisations and batches (one per seed): the quantity the teacher is
         trained to lower, evaluated reproducibly."""
@@ -106,7 +106,8 @@ class Problem:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(10_000 + seed)
                 weights = {name: w.detach() for name, w in
-                           fresh_weights(self.student_factory(), device, dtype).items()}
+                           fresh_weights(self.student_factory(), device,
+                                         dtype or torch.get_default_dtype()).items()}
             inner = self.inner(self.sample_batches(torch.Generator().manual_seed(20_000 + seed)))
             final = inner.run(inner.init(weights), teacher_params, range(self.inner_steps))
             with torch.no_grad():
