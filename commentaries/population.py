@@ -97,7 +97,9 @@ def own_stream(streams, index):
 def same_data(methods, cfg):
     """A population shares member 0's data in its vectorised step: the data must not depend on the seed."""
     splits = ("training", "validation", "test")
-    first = methods[0].data
+    first = getattr(methods[0], "data", None)
+    if first is None:  # a method without a data set (TeachingMethod.use_data)
+        return
     for method in methods[1:]:
         for split in splits:
             for kind in ("inputs", "targets"):

@@ -9,8 +9,10 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+import optimisers
 import train
-from commentaries import example_weighting, storage
+from commentaries import TEACHERS, example_weighting, storage
+from commentaries.loop import PureTeachingMethod
 from errors import UserError
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -120,9 +122,10 @@ def test_a_member_resumes_from_its_checkpoint_beside_a_fresh_one(tmp_path, monke
 
 def test_methods_that_cannot_are_refused_in_one_line_naming_the_key(tmp_path, capsys):
     auxilearn = [DATA, str(CONFIGS / "AuxiLearn_Linear.yaml")]
-    status = train.cli(["-c", *auxilearn, "--population", "2", "-l", str(tmp_path), "--set", "device=cpu"])
+    with pytest.raises(SystemExit) as exit_status:
+        train.cli(["-c", *auxilearn, "--population", "2", "-l", str(tmp_path), "--set", "device=cpu"])
     error = capsys.readouterr().err.strip()
-    assert status == 2 and "\n" not in error
+    assert exit_status.value.code == 2 and "\n" not in error
     assert "AuxiLearn_Linear.yaml: teaching.class: AuxiLearn does not run as a population" in error
     assert not list(tmp_path.rglob("results.json"))
     assert train.population_refusal(sources("GTN_Curriculum"), {"device": "cpu"}) is None
@@ -146,3 +149,50 @@ def test_parallel_exec_packs_teaching_seeds_into_a_population(tmp_path):
     assert not summary.get("not_vectorised")
     results = [json.loads(path.read_text()) for path in sorted(tmp_path.rglob("results.json"))]
     assert [r["seed"] for r in results] == [0, 1] and results[0]["objective"] != results[1]["objective"]
+
+
+@TEACHERS.register("ToyPureTeacher")
+class ToyPureTeacher(PureTeachingMethod):
+    """A scalar teacher ``c`` moved by the core's outer SGD towards a target
+    drawn per step from the run's generator: one registration, and it runs
+    alone and as a population."""
+
+    def __init__(self, *, context, steps=6, lr=0.2, log_interval=2):
+        self.context, self.steps, self.lr, self.log_interval = context, steps, lr, log_interval
+        self.dataset_name = "none"
+
+    def setup(self):
+        self.rng = torch.Generator().manual_seed(self.context.seed)
+        self.optimiser = optimisers.HYPERPARAMETER_OPTIMISERS.get("SGD")(lr=self.lr)
+        self.state = {"c": torch.zeros((), dtype=torch.float64)}
+
+    def checkpointed(self):
+        return {"state": self.state, "rng": self.rng}
+
+    def outer_state(self):
+        return self.state
+
+    def load_outer_state(self, state):
+        self.state = state
+
+    def outer_inputs(self, step):
+        return {"target": torch.rand((), generator=self.rng, dtype=torch.float64)}
+
+    def pure_outer_step(self, state, inputs):
+        loss, grad = torch.func.grad_and_value(lambda c: (c - inputs["target"]) ** 2)(state["c"])[::-1]
+        return self.optimiser.update(state, {"c": grad}, {})[0], {"Loss/Training": loss}
+
+    def finish(self, steps_done):
+        c = float(self.state["c"])
+        return {"final": {"Loss/Validation": (c - 0.5) ** 2}, "teaching": {"c": c}}
+
+
+def test_a_registered_pure_toy_method_runs_as_a_population_with_no_other_edit(tmp_path):
+    config = {"algorithm": "Toy", "teaching": {"class": "ToyPureTeacher"}}
+    members = [{"overrides": {"seed": seed}, "run_dir": str(tmp_path / f"member{seed}")} for seed in (0, 1)]
+    together = train.main_population(config, members, progress=False)
+    for seed, member in zip((0, 1), together):
+        alone = train.main(config, {"seed": seed}, run_dir=tmp_path / f"alone{seed}", progress=False)
+        assert member["teaching"]["c"] == pytest.approx(alone["teaching"]["c"], rel=1e-14)
+        assert member["objective"] == pytest.approx(alone["objective"], rel=1e-14)
+    assert together[0]["teaching"]["c"] != together[1]["teaching"]["c"]
