@@ -51,6 +51,11 @@ def per_weight(value, index):
     return value[index] if isinstance(value, (tuple, list)) else value
 
 
+def _is_zero(value):
+    """A hyperparameter fixed at 0 as a plain number (a tensor may be optimised: never skipped)."""
+    return isinstance(value, (int, float)) and value == 0
+
+
 @OPTIMISERS.register("SGD")
 def sgd():
     """SGD with momentum and L2 weight decay, exactly as ``torch.optim.SGD``
@@ -68,8 +73,12 @@ def sgd():
         new_params, new_buffers = [], []
         for index, (weight, grad, buffer) in enumerate(
                 zip(params, grads, state["momentum_buffer"])):
-            direction = grad + per_weight(hypers["weight_decay"], index) * weight
-            buffer = per_weight(hypers["momentum"], index) * buffer + direction
+            weight_decay = per_weight(hypers["weight_decay"], index)
+            momentum = per_weight(hypers["momentum"], index)
+            # a constant 0 (a plain number, as the teaching methods' inner loops
+            # pass) adds no operation to the graph: the same numbers
+            direction = grad if _is_zero(weight_decay) else grad + weight_decay * weight
+            buffer = direction if _is_zero(momentum) else momentum * buffer + direction
             new_params.append(weight - per_weight(hypers["lr"], index) * buffer)
             new_buffers.append(buffer)
         return tuple(new_params), {"momentum_buffer": tuple(new_buffers)}

@@ -72,14 +72,10 @@ def refusal(config, overrides=None):
     the model it names, built on the meta device: no weights, no device, and
     the data read only for its sizes, once per dataset configuration."""
     cfg = train.prepare(configuration.load(config, configuration.normalise_overrides(overrides)))
-    if "teaching" in cfg:
-        return teaching_refusal(cfg)
+    if "teaching" in cfg:  # populations of seeds, where the method's outer step is pure
+        from commentaries import population as teaching_population
+        return teaching_population.refusal(cfg)
     return model_refusal(model_structure(cfg), cfg)
-
-
-def teaching_refusal(cfg):
-    return (f"{cfg.where('teaching')}: learning-to-teach methods do not run as a "
-            f"population (they train their own students); run them one at a time")
 
 
 _DATA_SIZES = {}  # dataset configuration -> the sizes a model takes from its data
@@ -153,7 +149,7 @@ def build_members(config, members, log_root, group, device):
     cfgs = [member_config(config, entry, device) for entry in members]
     first = cfgs[0]
     if "teaching" in first:
-        raise UserError(teaching_refusal(first))
+        raise UserError(refusal(config, members[0].get("overrides")))
     torch_device, dtype = train.device_and_dtype(first)
     torch.manual_seed(first["seed"])
     problem = train.load_problem(first, torch_device, dtype)
@@ -390,6 +386,10 @@ def main(config, members, *, log_root="runs", group=None, device=None, progress=
     if not members:
         return []
     allow_open_files(4 * len(members) + 256)  # each member's TensorBoard writer holds files
+    if is_teaching(config, members[0]):
+        from commentaries import population as teaching_population
+        return teaching_population.main(config, members, log_root=log_root, group=group,
+                                        device=device, progress=progress)
     results = [None] * len(members)
     with contextlib.ExitStack() as locks:
         pending = []
@@ -428,6 +428,11 @@ def lock_member_directory(run_dir, locks):
     return None
 
 
+def is_teaching(config, entry):
+    return "teaching" in configuration.load(config, configuration.normalise_overrides(
+        entry.get("overrides")))
+
+
 def cli(arguments):
     """``train.py --population N`` (its parsed arguments): N members from the
     generator, trained as one population."""
@@ -439,9 +444,10 @@ def cli(arguments):
         if value is not None:
             raise UserError(f"{flag}: not with --population (each member writes, checkpoints "
                             f"and resumes in its own run directory)")
-    overrides = generators.generate(arguments.generator or "natural_sgd", arguments.population,
-                                    arguments.seed or 0)
     extra = dict(configuration.normalise_overrides(arguments.set))
+    default = "iteration_id" if is_teaching(arguments.config, {"overrides": extra}) else "natural_sgd"
+    overrides = generators.generate(arguments.generator or default, arguments.population,
+                                    arguments.seed or 0)  # teaching: seeds S, S+1, ...
     base = arguments.name or configuration.load(arguments.config, list(extra.items()))["algorithm"]
     members = [{"overrides": {**override, **extra}, "run_dir": None, "name": f"{base}-{index}"}
                for index, override in enumerate(overrides)]

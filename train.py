@@ -396,10 +396,7 @@ def run_teaching(cfg, run_dir, device, progress):
     import commentaries
     from commentaries.loop import Context
 
-    context = Context(run_dir=run_dir, device=device, seed=cfg["seed"], progress=progress,
-                      description=cfg["algorithm"], checkpoint_every=cfg["checkpoint_every"],
-                      divergence_penalty=cfg["divergence_penalty"],
-                      validation_proportion=cfg["validation_proportion"], data_root=cfg["data_root"])
+    context = Context.from_config(cfg, run_dir, device, progress)
     try:
         results = commentaries.run(cfg["teaching"], context, where=cfg.where("teaching"))
     except UserError as error:  # deep checks know the key; name its file too
@@ -513,7 +510,8 @@ def parse_arguments(argv):
                              "its own hyperparameter initialisation and seed from --generator "
                              "(seeded by --seed) and its own run directory")
     parser.add_argument("--generator", help="with --population: the initialisations' generator "
-                                            "(default natural_sgd; as parallel_exec.py)")
+                                            "(default natural_sgd; for a teaching config iteration_id: "
+                                            "seeds S, S+1, ...; as parallel_exec.py)")
     return parser.parse_args(argv)
 
 

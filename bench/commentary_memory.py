@@ -2,19 +2,20 @@
 example-weighting commentaries, with and without the memory-bounded modes.
 
 Backpropagating through ``K`` inner steps keeps every step's graph alive, so
-memory grows linearly in ``K``. The bounded modes of
-``commentaries.bilevel.unrolled_hypergradient`` cap it:
+memory grows linearly in ``K``. The bounded modes of the core's
+``hypergradients.unrolled`` (which ``example_weighting.Problem`` calls) cap it:
 
 * ``chunk_size=C``: exact gradient checkpointing -- only every ``C``-th weight
   state is kept; chunks are recomputed one at a time in the backward pass
   (same gradient, about one extra forward pass of compute);
 * ``truncation=T``: backpropagate through the last ``T`` steps only (biased).
 
-Measured quantity: the peak of live bytes saved for backward, counted exactly
-with ``torch.autograd.graph.saved_tensors_hooks`` (device-independent: this is
-the part of memory that grows with ``K``); on CUDA also
-``torch.cuda.max_memory_allocated`` over the hypergradient call. Checks that
-the checkpointed gradient equals the full one.
+Measured quantity: the peak of live bytes torch allocates on the CPU during
+the hypergradient call, from the profiler's allocation events
+(``common.MemoryMeter``; ``torch.func`` refuses the saved-tensor hooks an
+exact count of saved tensors would need, so this counts the step's
+temporaries too); on CUDA ``torch.cuda.max_memory_allocated`` over the call
+instead. Checks that the checkpointed gradient equals the full one.
 
     python bench/commentary_memory.py                      # CPU, K = 25 .. 200
     python bench/commentary_memory.py --device cuda --inner-steps 50 200 800
@@ -31,27 +32,27 @@ sys.path.insert(0, str(ROOT))
 
 import datasets  # noqa: E402
 from commentaries import example_weighting  # noqa: E402
-from commentaries.common import SavedTensorMeter, build_student, fresh_weights  # noqa: E402
+from commentaries.common import MemoryMeter, build_student, reset_weights  # noqa: E402
 from train import write_json  # noqa: E402
 
 
 def measure(problem, make_student, hyper, device, modes):
-    """Peak saved bytes, CUDA peak (or None), seconds and the gradient."""
-    torch.manual_seed(0)
-    weights = fresh_weights(make_student(), device)
-    meter = SavedTensorMeter()
+    """Peak allocated CPU bytes (None on CUDA), CUDA peak (or None), seconds and the gradient."""
+    weights = reset_weights(make_student(), torch.Generator().manual_seed(0), device=device)
+    batches = problem.sample_batches(torch.Generator().manual_seed(1))
+    meter = MemoryMeter()
+    started = time.perf_counter()
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         baseline = torch.cuda.memory_allocated()
-    started = time.perf_counter()
-    with meter.measure():
-        loss, _, grads = problem.hypergradient(weights, hyper, torch.Generator().manual_seed(1), **modes)
-    cuda_peak = None
-    if device.type == "cuda":
+        result = problem.hypergradient(weights, hyper, batches, **modes)
         torch.cuda.synchronize()
-        cuda_peak = torch.cuda.max_memory_allocated() - baseline
-    return meter.peak, cuda_peak, time.perf_counter() - started, loss, grads
+        return None, torch.cuda.max_memory_allocated() - baseline, time.perf_counter() - started, \
+            result.value, result.gradient
+    with meter.measure():
+        result = problem.hypergradient(weights, hyper, batches, **modes)
+    return meter.peak, None, time.perf_counter() - started, result.value, result.gradient
 
 
 def main(argv=None):
@@ -72,11 +73,11 @@ def main(argv=None):
     make_student = lambda: build_student(spec, data, "student").to(device)  # noqa: E731
     torch.manual_seed(0)
     teacher = example_weighting.build_teacher(data.input_shape, True, 8).to(device)
-    hyper = tuple(teacher.parameters())
+    hyper = {name: p.detach() for name, p in teacher.named_parameters()}
     rows = []
     print(f"device {device}, student {spec}, batch {arguments.batch_size}, "
           f"{sum(p.numel() for p in make_student().parameters())} student weights")
-    print("| K | mode | peak saved-tensor MiB | CUDA peak MiB | seconds | max grad diff vs full |")
+    print("| K | mode | peak allocated CPU MiB | CUDA peak MiB | seconds | max grad diff vs full |")
     print("|---|---|---|---|---|---|")
     for steps in arguments.inner_steps:
         problem = example_weighting.Problem(data, teacher, make_student(), curriculum=True, inner_steps=steps,
@@ -89,12 +90,13 @@ def main(argv=None):
             peak, cuda_peak, seconds, loss, grads = measure(problem, make_student, hyper, device, modes)
             if reference is None:
                 reference = grads
-            difference = max(float((a - b).abs().max()) for a, b in zip(grads, reference))
-            row = {"inner_steps": steps, "mode": mode, "saved_bytes_peak": peak, "cuda_peak_bytes": cuda_peak,
+            difference = max(float((grads[name] - reference[name]).abs().max()) for name in grads)
+            row = {"inner_steps": steps, "mode": mode, "cpu_allocated_peak_bytes": peak, "cuda_peak_bytes": cuda_peak,
                    "seconds": seconds, "max_grad_difference": difference, "validation_loss": float(loss)}
             rows.append(row)
             cuda = "-" if cuda_peak is None else f"{cuda_peak / 2**20:.1f}"
-            print(f"| {steps} | {mode} | {peak / 2**20:.1f} | {cuda} | {seconds:.2f} | {difference:.1e} |", flush=True)
+            cpu = "-" if peak is None else f"{peak / 2**20:.1f}"
+            print(f"| {steps} | {mode} | {cpu} | {cuda} | {seconds:.2f} | {difference:.1e} |", flush=True)
     if arguments.output:
         write_json(arguments.output, rows)
     return rows

@@ -25,13 +25,18 @@ from registry import Registry
 TEACHERS = Registry("teaching")
 
 
+def build(spec, context, where="teaching"):
+    """The teaching method named by ``spec['class']``, built with its options."""
+    method = TEACHERS.build(spec, where, context=context)
+    method.name = next(name for name in TEACHERS.names() if TEACHERS.get(name) is type(method))
+    return method
+
+
 def run(spec, context, where="teaching"):
     """Build the teaching method named by ``spec['class']`` and run it to the end."""
     from commentaries import loop
 
-    method = TEACHERS.build(spec, where, context=context)
-    method.name = next(name for name in TEACHERS.names() if TEACHERS.get(name) is type(method))
-    return loop.run(method, context)
+    return loop.run(build(spec, context, where), context)
 
 
 for _module in pkgutil.iter_modules(__path__):  # registration on import: no list of methods to edit

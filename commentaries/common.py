@@ -3,22 +3,24 @@
 Option validation (``teaching.<key>: ...`` user errors); data and student
 networks from the shared registries (``datasets.DATASETS``,
 ``models.MODELS``), so hyperparameter and teaching runs name them the same
-way; figure logging; a meter of live saved-tensor bytes for memory benches;
-and fresh students trained with a frozen teacher
-(:class:`FrozenTeaching`, :class:`StudentTraining`, :func:`train_students`).
-The hypergradients are in :mod:`commentaries.bilevel`, the loop in
-:mod:`commentaries.loop`.
+way; the inner SGD loop of the unrolled methods (:class:`InnerSGD`, the core
+optimiser's update as a step of :func:`hypergradients.unrolled`); figure
+logging; a meter of peak allocated bytes for memory benches; and fresh
+students trained with a frozen teacher (:class:`FrozenTeaching`,
+:class:`StudentTraining`, :func:`train_students`). The hypergradients are the
+core's (:mod:`hypergradients`), the loop is :mod:`commentaries.loop`.
 """
 import contextlib
+import dataclasses
 import io
 import math
-import weakref
 
 import torch
 import torch.nn.functional as F
 
 import datasets
 import models
+import optimisers
 from errors import UserError
 from train import atomic_write
 
@@ -80,7 +82,12 @@ def load_data(spec, context, where="teaching.data"):
                               data_root=getattr(context, "data_root", None), where=where)
     if data.task != "classification":
         raise UserError(f"{where}: the teaching methods need a classification dataset, not {data.name}")
-    return data.to(context.device)
+    data = data.to(context.device)
+    dtype = getattr(context, "dtype", torch.float32)
+    return dataclasses.replace(data, **{field.name: getattr(data, field.name).to(dtype)
+                                        for field in dataclasses.fields(data)
+                                        if torch.is_tensor(getattr(data, field.name))
+                                        and getattr(data, field.name).is_floating_point()})
 
 
 def build_student(spec, data, where, default="CNN"):
@@ -91,6 +98,23 @@ def build_student(spec, data, where, default="CNN"):
     if isinstance(spec, str):
         spec = {"class": spec}
     return models.build_model(dict(spec), data, where=where)
+
+
+def reset_weights(module, rng, dtype=None, device=None):
+    """Fresh weights for ``module`` (any architecture) as a dict of tensors:
+    each layer's own ``reset_parameters`` under a seed drawn from ``rng``, so
+    every outer step meets a new student, a run's students depend on its own
+    generator alone (a population's members draw theirs as they would alone),
+    and the global random stream is untouched."""
+    seed = int(torch.randint(2 ** 62, (1,), generator=rng))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for layer in module.modules():
+            if hasattr(layer, "reset_parameters"):
+                layer.reset_parameters()
+    return {name: parameter.detach().clone().to(dtype=dtype or parameter.dtype,
+                                                device=device or parameter.device)
+            for name, parameter in module.named_parameters()}
 
 
 def fresh_weights(module, device, dtype=torch.float32):
@@ -114,49 +138,38 @@ def set_grads(tensors, grads):
 
 
 # ----------------------------------------------------------------------------
-# Memory: live bytes of tensors saved for backward
+# Memory: peak bytes allocated by a computation
 
 
-class SavedTensorMeter:
-    """Counts the bytes of tensors autograd saves for backward that are still
-    alive, and the peak of that count, through ``saved_tensors_hooks``.
+class MemoryMeter:
+    """The peak of live bytes that torch allocated inside :meth:`measure`,
+    above what was live when it began, at operator granularity.
 
-    This is the memory a differentiable unroll grows with, measured exactly and
-    on any device (``tracemalloc`` cannot see torch allocations). Tensors saved
-    twice are counted twice: an upper bound on the true footprint.
+    This is the memory a differentiable unroll grows with (the tensors kept
+    for backward, and the step's temporaries), measured on the CPU from the
+    profiler's memory events (``torch.profiler``, ``profile_memory=True``):
+    every allocation and free inside an operator, in time order. (Autograd's
+    ``saved_tensors_hooks`` would count saved tensors alone, but
+    ``torch.func.grad``/``vjp`` refuse to run under them, and
+    ``tracemalloc`` cannot see torch's allocator.) On CUDA,
+    ``torch.cuda.max_memory_allocated`` is the direct measure.
     """
 
     def __init__(self):
-        self.live = 0
         self.peak = 0
-
-    def _release(self, size):
-        self.live -= size
-
-    def _pack(self, tensor):
-        size = tensor.numel() * tensor.element_size()
-        self.live += size
-        self.peak = max(self.peak, self.live)
-        box = _Box(tensor.detach())  # autograd restores the metadata on unpack; a
-        # box holding the tensor itself would form an uncollectable cycle with its grad_fn
-        weakref.finalize(box, self._release, size)
-        return box
-
-    @staticmethod
-    def _unpack(box):
-        return box.tensor
 
     @contextlib.contextmanager
     def measure(self):
-        with torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack):
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as profiler:
             yield self
-
-
-class _Box:
-    __slots__ = ("tensor", "__weakref__")
-
-    def __init__(self, tensor):
-        self.tensor = tensor
+        outermost = sorted((event for event in profiler.events() if event.cpu_parent is None),
+                           key=lambda event: event.time_range.start)
+        live = 0
+        for event in outermost:  # an operator's usage includes its children's
+            live += event.cpu_memory_usage
+            self.peak = max(self.peak, live)
 
 
 # ----------------------------------------------------------------------------
@@ -300,3 +313,55 @@ def split_pairs(data):
     return {"train": (data.training_inputs, data.training_targets),
             "validation": (data.validation_inputs, data.validation_targets),
             "test": (data.test_inputs, data.test_targets)}
+
+
+# ----------------------------------------------------------------------------
+# The inner loop of the unrolled methods
+
+
+class InnerSGD:
+    """A student trained by SGD with momentum, the core weight optimiser's
+    update (:func:`optimisers.sgd`: ``b ← μ b + ∇L``, ``w ← w − α b``), as
+    the step ``(state, outer, k) -> (state, L)`` that
+    :func:`hypergradients.unrolled` differentiates (Raghu et al.'s Algorithm
+    1, GTN), and as a plain loop for evaluation.
+
+    ``loss(weights, outer, k)``: the student's loss at inner step ``k``
+    (``weights`` a dict by name, ``outer`` the teacher); it must be
+    deterministic in ``k`` (batches drawn up front) for exact checkpointing.
+    ``lr``: a number, or ``outer -> tensor`` (GTN learns its inner learning
+    rate). The state is ``{"weights": tuple, "momentum_buffer": tuple}``.
+    """
+
+    def __init__(self, loss, names, lr, momentum=0.0):
+        self.loss, self.names, self.lr, self.momentum = loss, tuple(names), lr, momentum
+        self.optimiser = optimisers.OPTIMISERS.get("SGD")()
+
+    def init(self, weights):
+        """The state of a student starting from ``weights`` (a dict by name)."""
+        weights = tuple(weights[name] for name in self.names)
+        return {"weights": weights, **self.optimiser.init(weights)}
+
+    def weights(self, state):
+        return dict(zip(self.names, state["weights"]))
+
+    def step(self, state, outer, k):
+        def loss(weights):
+            return self.loss(dict(zip(self.names, weights)), outer, k)
+
+        grads, value = torch.func.grad_and_value(loss)(state["weights"])
+        lr = self.lr(outer) if callable(self.lr) else self.lr
+        weights, buffers = self.optimiser.update(
+            state["weights"], grads, {"momentum_buffer": state["momentum_buffer"]},
+            {"lr": lr, "momentum": self.momentum, "weight_decay": 0.0})
+        return {"weights": weights, **buffers}, value
+
+    def run(self, state, outer, steps, on_step=None):
+        """The steps ``steps`` without a graph (evaluation, objectives);
+        ``on_step(k, weights)`` sees the weights after each."""
+        for k in steps:
+            with torch.no_grad():
+                state, _ = self.step(state, outer, k)
+            if on_step is not None:
+                on_step(k, self.weights(state))
+        return state

@@ -10,20 +10,26 @@ Per-example weights are normalised within a batch (``Σ wℓ / Σ w``) so the
 teacher cannot lower the loss by inflating every weight, i.e. the learning
 rate; it can only choose *which* examples count.
 
-Long unrolls are memory-bounded with ``chunk_size`` (exact checkpointing) or
-``truncation`` (last steps only); see :func:`bilevel.unrolled_hypergradient`.
+The hypergradient is the core's :func:`hypergradients.unrolled` through the
+shared inner loop (:class:`common.InnerSGD`); long unrolls are
+memory-bounded with ``chunk_size`` (exact checkpointing) or ``truncation``
+(last steps only). The teacher's Adam is the core's pure outer optimiser, so
+the whole outer step is a pure function of the teacher, its optimiser state
+and the step's random draws (a fresh student, its batches): ``--population
+N`` trains N seeds as one ``torch.func.vmap`` of it.
 """
 import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
 import models
+import optimisers
 from commentaries import TEACHERS
-from commentaries.bilevel import sgd_steps, unrolled_hypergradient
 from commentaries.common import (
-    FrozenTeaching, build_student, check_bool, check_choice, check_float, check_int, evaluation_generator,
-    evaluation_options, fresh_weights, save_figure, set_grads, train_students)
-from commentaries.loop import TeachingMethod
+    FrozenTeaching, InnerSGD, build_student, check_bool, check_choice, check_float, check_int,
+    evaluation_generator, evaluation_options, fresh_weights, reset_weights, save_figure, train_students)
+from commentaries.loop import PureTeachingMethod
+from hypergradients import unrolled
 
 
 # ----------------------------------------------------------------------------
@@ -58,7 +64,7 @@ class Problem:
         self.student_factory = student_factory  # fresh students for :meth:`objective`
         self.curriculum, self.inner_steps, self.inner_lr = curriculum, inner_steps, inner_lr
         self.batch_size = batch_size
-        self.teacher_names = [name for name, _ in teacher.named_parameters()]
+        self.student_names = [name for name, _ in student_module.named_parameters()]
 
     def sample_batches(self, generator):
         """Mini-batch indices for all ``K`` inner steps, drawn up front so a
@@ -67,39 +73,45 @@ class Problem:
         inputs = self.data.training_inputs
         return torch.randint(0, len(inputs), shape, generator=generator).to(inputs.device)
 
-    def inner_loss(self, batches):
-        def loss(weights, hyper, step):
+    def inner(self, batches):
+        """The student's ``K`` SGD steps on the teacher-weighted ``batches``."""
+        def loss(weights, teacher_params, step):
             indices = batches[step]
             x, y = self.data.training_inputs[indices], self.data.training_targets[indices]
-            teacher_params = dict(zip(self.teacher_names, hyper))
             w = example_weights(self.teacher, teacher_params, x, step / self.inner_steps, self.curriculum)
             return weighted_loss(functional_call(self.student, weights, (x,)), y, w)
-        return loss
+        return InnerSGD(loss, self.student_names, self.inner_lr)
 
-    def outer_loss(self, weights, hyper):
+    def validation_loss(self, weights):
         logits = functional_call(self.student, weights, (self.data.validation_inputs,))
         return F.cross_entropy(logits, self.data.validation_targets)
 
-    def hypergradient(self, student_weights, hyper, generator, chunk_size=0, truncation=0):
-        batches = self.sample_batches(generator)
-        return unrolled_hypergradient(self.inner_loss(batches), self.outer_loss, student_weights, hyper,
-                                      self.inner_steps, self.inner_lr, chunk_size, truncation)
+    def hypergradient(self, student_weights, teacher_params, batches, chunk_size=0, truncation=0):
+        """The unweighted validation loss after ``K`` weighted steps from
+        ``student_weights`` on ``batches`` and its gradient with respect to
+        ``teacher_params`` (a dict by name): :func:`hypergradients.unrolled`'s
+        :class:`~hypergradients.Hypergradient` (``inner``: the student's final state)."""
+        inner = self.inner(batches)
+        return unrolled(inner.step, inner.init(student_weights), teacher_params, self.inner_steps,
+                        lambda state, _: self.validation_loss(inner.weights(state)),
+                        chunk_size=chunk_size or None, truncation=truncation or None)
 
-    def objective(self, hyper, seeds, device, dtype=torch.float32):
+    def objective(self, teacher_params, seeds, device, dtype=None):
         """Mean validation loss after ``K`` weighted steps from fixed student
         initialisations and batches (one per seed): the quantity the teacher is
         trained to lower, evaluated reproducibly."""
-        hyper = tuple(h.detach() for h in hyper)
+        teacher_params = {name: value.detach() for name, value in teacher_params.items()}
         losses = []
         for seed in seeds:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(10_000 + seed)
-                weights = fresh_weights(self.student_factory(), device, dtype)
-            loss = self.inner_loss(self.sample_batches(torch.Generator().manual_seed(20_000 + seed)))
-            final = sgd_steps(lambda w, k: loss(w, hyper, k), weights, range(self.inner_steps), self.inner_lr,
-                              graph=False)
+                weights = {name: w.detach() for name, w in
+                           fresh_weights(self.student_factory(), device,
+                                         dtype or torch.get_default_dtype()).items()}
+            inner = self.inner(self.sample_batches(torch.Generator().manual_seed(20_000 + seed)))
+            final = inner.run(inner.init(weights), teacher_params, range(self.inner_steps))
             with torch.no_grad():
-                losses.append(float(self.outer_loss(final, hyper)))
+                losses.append(float(self.validation_loss(inner.weights(final))))
         return sum(losses) / len(losses)
 
 
@@ -165,7 +177,7 @@ class ExampleWeights(FrozenTeaching):
 
 
 @TEACHERS.register("ExampleWeighting")
-class ExampleWeighting(TeachingMethod):
+class ExampleWeighting(PureTeachingMethod):
     """Learn an example-weighting teacher (``commentary: learned``) or skip it
     (``commentary: none``: the unweighted baseline), then train fresh students
     of each ``evaluation_students`` architecture with it and report their
@@ -207,40 +219,54 @@ class ExampleWeighting(TeachingMethod):
         if self.learned:
             self.teacher = build_teacher(self.data.input_shape, self.curriculum, self.teacher_width)
             self.teacher = self.teacher.to(self.context.device)
-            self.params = dict(self.teacher.named_parameters())
-            self.problem = Problem(self.data, self.teacher, self.make_student(), curriculum=self.curriculum,
+            self.student = self.make_student().to(self.context.device)
+            self.problem = Problem(self.data, self.teacher, self.student, curriculum=self.curriculum,
                                    inner_steps=self.inner_steps, inner_lr=self.inner_lr,
                                    batch_size=self.batch_size, student_factory=self.make_student)
-            self.optimiser = torch.optim.Adam(self.params.values(), lr=self.teacher_lr)
+            self.outer_optimiser = optimisers.HYPERPARAMETER_OPTIMISERS.get("Adam")(lr=self.teacher_lr)
+            teacher = {name: p.detach().clone() for name, p in self.teacher.named_parameters()}
+            self.state = {"teacher": teacher, "optimiser": self.outer_optimiser.init(teacher)}
 
     def begin(self):
         if self.learned:
-            self.record["objective_initial"] = self.problem.objective(self.params.values(), self.objective_seeds,
+            self.record["objective_initial"] = self.problem.objective(self.state["teacher"], self.objective_seeds,
                                                                       self.context.device)
 
     def checkpointed(self):
         if not self.learned:
             return {}
-        return {"teacher": self.teacher, "optimiser": self.optimiser, "generator": self.generator,
-                "record": self.record}
+        return {"state": self.state, "generator": self.generator, "record": self.record}
 
-    def outer_step(self, step):
-        weights = fresh_weights(self.make_student(), self.context.device)
-        loss, _, grads = self.problem.hypergradient(weights, tuple(self.params.values()), self.generator,
-                                                    self.chunk_size, self.truncation)
-        set_grads(self.params.values(), grads)
-        self.optimiser.step()
-        return {"Loss/Validation": loss}
+    def outer_state(self):
+        return self.state
+
+    def load_outer_state(self, state):
+        self.state = state
+
+    def outer_inputs(self, step):
+        """A fresh student and its ``K`` batches, from the run's generator."""
+        student = reset_weights(self.student, self.generator, device=self.context.device)
+        return {"student": student, "batches": self.problem.sample_batches(self.generator)}
+
+    def pure_outer_step(self, state, inputs):
+        """One teacher step: Adam on ``∂L_V/∂teacher`` through the fresh student's ``K`` steps."""
+        result = self.problem.hypergradient(inputs["student"], state["teacher"], inputs["batches"],
+                                            self.chunk_size, self.truncation)
+        teacher, optimiser = self.outer_optimiser.update(state["teacher"], result.gradient, state["optimiser"])
+        return {"teacher": teacher, "optimiser": optimiser}, {"Loss/Validation": result.value}
 
     def finish(self, steps_done):
         teaching = dict(self.record)
         if self.learned:
-            teaching["objective_learned"] = self.problem.objective(self.params.values(), self.objective_seeds,
+            with torch.no_grad():  # the teacher module (saved, reused) takes the learned values
+                for name, parameter in self.teacher.named_parameters():
+                    parameter.copy_(self.state["teacher"][name])
+            teaching["objective_learned"] = self.problem.objective(self.state["teacher"], self.objective_seeds,
                                                                    self.context.device)
             self.context.tracker.scalar("Commentary/Objective_Initial", teaching["objective_initial"], steps_done)
             self.context.tracker.scalar("Commentary/Objective_Learned", teaching["objective_learned"], steps_done)
             if "training_angle" in self.data.extras:
-                teaching.update(plot_weights(self.teacher, self.params, self.data, self.curriculum, self.context,
+                teaching.update(plot_weights(self.teacher, self.state["teacher"], self.data, self.curriculum, self.context,
                                              steps_done))
         final = train_students(self.evaluation_students, self.data, ExampleWeights(self.teacher, self.curriculum),
                                self.evaluation, self.context, evaluation_generator(self.context.seed))

@@ -1,12 +1,14 @@
 """Generative Teaching Networks (Such et al., 2019) on the hypergradient engine.
 
 A *generator* maps noise and a class label to a synthetic image. A freshly
-initialised *learner* is trained for K inner SGD steps on K synthetic batches,
-with every update kept in the autograd graph (``torch.func.functional_call``
-on a dictionary of weights, no ``higher``), and its loss on a batch of *real*
-training data is differentiated back through all K steps into the generator
-(Raghu et al.'s Algorithm 1: backpropagation through training). The inner
-learning rate is learned too, as in the paper.
+initialised *learner* is trained for K inner SGD steps on K synthetic batches
+(the shared inner loop, :class:`common.InnerSGD`), and its loss on a batch of
+*real* training data is differentiated back through all K steps into the
+generator by the core's :func:`hypergradients.unrolled` (Raghu et al.'s
+Algorithm 1: backpropagation through training). The inner learning rate is
+learned too, as in the paper. The outer step (Adam, the core's pure outer
+optimiser, on the clipped hypergradient) is a pure function of the teacher's
+tensors, so ``--population N`` trains N seeds as one ``torch.func.vmap``.
 
 Three input variants, chosen by ``input``:
 
@@ -23,8 +25,8 @@ takes K steps on random real training batches (only its learning rate is
 learned).
 
 ``truncation: T`` is the memory-bounded mode: only the last T inner steps
-(and their generated images) keep a graph, so memory grows with T, not K
-(:func:`peak_saved_bytes` measures it).
+(and their generated images, made inside each step) keep a graph, so memory
+grows with T, not K (:func:`peak_saved_bytes` measures it).
 
 Data comes from ``datasets.DATASETS`` (default: the embedded 8×8 digits with
 300 validation and 400 test images, offline, CPU-sized); learners from
@@ -44,11 +46,14 @@ import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.func import functional_call  # noqa: E402
 
+import optimisers  # noqa: E402
 from commentaries import TEACHERS  # noqa: E402
-from commentaries.bilevel import sgd_steps  # noqa: E402
-from commentaries.common import (DIGITS, FrozenTeaching, build_student, check_bool, check_choice,  # noqa: E402
-                                 check_float, check_int, check_list, save_figure, split_pairs)
-from commentaries.loop import TeachingMethod  # noqa: E402
+from commentaries.common import (DIGITS, FrozenTeaching, InnerSGD, build_student, check_bool,  # noqa: E402
+                                 check_choice, check_float, check_int, check_list, reset_weights,
+                                 save_figure, split_pairs)
+from commentaries.loop import PureTeachingMethod  # noqa: E402
+from hypergradients import unrolled  # noqa: E402
+from trees import tree_leaves, tree_map  # noqa: E402
 
 INPUT_KINDS = ("learned", "fixed", "noise", "real")
 
@@ -73,42 +78,18 @@ class Generator(nn.Module):
         return pixels.view(-1, *self.image_shape)
 
 
-def init_learner_params(learner, rng, dtype=None, device=None):
-    """Fresh weights for ``learner`` (any architecture) as a dict of leaf tensors:
-    each layer's own ``reset_parameters`` under a seed drawn from ``rng``, so
-    every outer step meets a new learner yet runs are reproducible and the
-    global random stream is untouched."""
-    seed = int(torch.randint(2 ** 62, (1,), generator=rng))
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        for module in learner.modules():
-            if hasattr(module, "reset_parameters"):
-                module.reset_parameters()
-    return {name: parameter.detach().clone().to(dtype=dtype or parameter.dtype,
-                                                device=device or parameter.device)
-            for name, parameter in learner.named_parameters()}
-
-
 # ----------------------------------------------------------------------------- inner loop
 
-def train_learner(learner, params, images, labels, lr, momentum=0.0, differentiable=True,
-                  truncation=None, on_step=None):
-    """K steps of SGD with momentum on the batches ``images[k]`` (labels ``labels[k]``).
-
-    With ``differentiable`` every update stays in the graph (create_graph), so
-    the returned weights are functions of the images and of ``lr``. With
-    ``truncation = T`` the graph is cut before the last T steps (a memory-bounded
-    mode: memory grows with T, not K). ``on_step(k, params)`` sees the weights
-    after each step (for accuracy-along-training curves).
-    """
-    steps = len(images)
-    first_graph_step = steps if not differentiable else steps - (truncation or steps)
-
-    def loss(weights, step):
+def train_learner(learner, params, images, labels, lr, momentum=0.0, on_step=None):
+    """K plain SGD steps (no graph) on the batches ``images[k]`` (labels
+    ``labels[k]``): the evaluation learners, on the same inner loop
+    (:class:`common.InnerSGD`) as the teaching. ``on_step(k, params)`` sees the
+    weights after each step (for accuracy-along-training curves)."""
+    def loss(weights, _, step):
         return F.cross_entropy(functional_call(learner, weights, (images[step],)), labels[step])
 
-    return sgd_steps(loss, params, range(steps), lr, momentum, graph=lambda step: step >= first_graph_step,
-                     on_step=on_step)
+    inner = InnerSGD(loss, list(params), lr, momentum)
+    return inner.weights(inner.run(inner.init(params), {}, range(len(images)), on_step))
 
 
 def balanced_labels(steps, batch_size, num_classes, device=None):
@@ -116,35 +97,78 @@ def balanced_labels(steps, batch_size, num_classes, device=None):
     return (torch.arange(batch_size, device=device) % num_classes).expand(steps, batch_size)
 
 
-def generate(generator, inputs, labels, truncation=None):
-    """Synthetic images for inputs [K, B, noise] and labels [K, B] -> [K, B, *image].
-
-    With ``truncation = T`` only the last T steps' images keep a graph: the
-    hypergradient cannot reach the others, so their generator activations are
-    not stored (this is what bounds memory by T rather than K)."""
+def generate(generator, inputs, labels):
+    """Synthetic images for inputs [K, B, noise] and labels [K, B] -> [K, B, *image]
+    (all K batches at once: evaluation, plots, reuse)."""
     steps, batch = labels.shape
-    if truncation is not None and truncation < steps:
-        with torch.no_grad():
-            early = generate(generator, inputs[:steps - truncation], labels[:steps - truncation])
-        late = generate(generator, inputs[steps - truncation:], labels[steps - truncation:])
-        return torch.cat([early, late])
     images = generator(inputs.reshape(steps * batch, -1), labels.reshape(-1))
     return images.view(steps, batch, *generator.image_shape)
 
 
-def meta_loss(generator, inputs, labels, learner, init_params, lr, momentum, real_images,
-              real_labels, truncation=None):
-    """Loss on real data of a learner trained by K differentiable steps on generated data."""
-    images = generate(generator, inputs, labels, truncation)
-    params = train_learner(learner, init_params, images, labels, lr, momentum,
-                           differentiable=True, truncation=truncation)
-    return F.cross_entropy(functional_call(learner, params, (real_images,)), real_labels)
+def batch_at(generator, teacher, step):
+    """The learner's training batch at inner step ``step``: generated from
+    ``teacher["inputs"][step]`` with the generator's weights
+    ``teacher["generator.<name>"]``, or the real ``teacher["images"][step]``
+    (``input: real``). ``teacher`` holds tensors by the names of teacher files."""
+    labels = teacher["labels"][step]
+    if "images" in teacher:
+        return teacher["images"][step], labels
+    weights = {name.removeprefix("generator."): value for name, value in teacher.items()
+               if name.startswith("generator.")}
+    return functional_call(generator, weights, (teacher["inputs"][step], labels)), labels
+
+
+def lesson(generator, learner, init, fixed, momentum, real):
+    """One fresh learner's lesson as the pieces of
+    :func:`hypergradients.unrolled`: the inner loop on the teacher's K
+    batches (its outer variables: the *learned* teacher tensors, joined to
+    the ``fixed`` ones), the start state from ``init`` and the meta-loss, the
+    trained learner's cross-entropy on the ``real`` batch (images, labels)."""
+    def loss(weights, learned, step):
+        images, labels = batch_at(generator, {**fixed, **learned}, step)
+        return F.cross_entropy(functional_call(learner, weights, (images,)), labels)
+
+    inner = InnerSGD(loss, list(init), lambda learned: {**fixed, **learned}["log_lr"].exp(), momentum)
+
+    def meta_loss(state, _):
+        return F.cross_entropy(functional_call(learner, inner.weights(state), (real[0],)), real[1])
+
+    return inner, inner.init(init), meta_loss
+
+
+def meta_hypergradient(generator, learner, init, learned, fixed, momentum, real, truncation=None,
+                       chunk_size=None):
+    """The loss on real data of a learner trained by K SGD steps on the
+    teacher's batches, and its gradient with respect to the ``learned``
+    teacher tensors: :func:`hypergradients.unrolled` (Raghu et al.'s
+    Algorithm 1), through the last ``truncation`` steps only if given, with
+    exact ``chunk_size`` checkpointing if given."""
+    inner, start, meta_loss = lesson(generator, learner, init, fixed, momentum, real)
+    return unrolled(inner.step, start, learned, len(fixed["labels"]), meta_loss,
+                    chunk_size=chunk_size, truncation=truncation)
+
+
+def meta_loss(generator, learner, init, teacher, momentum, real):
+    """The same loss without a graph (``teacher``: every tensor, learned or not)."""
+    inner, start, loss = lesson(generator, learner, init, teacher, momentum, real)
+    with torch.no_grad():
+        return loss(inner.run(start, {}, range(len(teacher["labels"]))), None)
+
+
+def clip_by_global_norm(tree, max_norm):
+    """``torch.nn.utils.clip_grad_norm_``'s rule on a tree, without side
+    effects: the gradients scaled by ``min(1, max_norm / (|g| + 1e-6))``, and ``|g|``."""
+    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in tree_leaves(tree)]))
+    scale = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+    return tree_map(lambda g: g * scale, tree), norm
 
 
 # ----------------------------------------------------------------------------- the teacher
 
 class Teacher:
-    """Everything learned in the outer loop: generator, inputs (if learned), log lr."""
+    """Everything the outer loop holds: generator, inputs (learned or fixed),
+    log lr (learned or not). :meth:`learned` and :meth:`fixed` give them as
+    tensors by name for the pure outer step; :meth:`load` takes new values."""
 
     def __init__(self, input_kind, noise_size, num_classes, image_shape, generator_hidden,
                  inner_steps, batch_size, inner_lr, learn_inner_lr, rng, device):
@@ -152,22 +176,46 @@ class Teacher:
         self.noise_size = noise_size
         self.inner_steps = inner_steps
         self.batch_size = batch_size
+        self.learn_inner_lr = learn_inner_lr
         self.rng = rng
         self.generator = None
         self.inputs = None
         if input_kind != "real":
             self.generator = Generator(noise_size, num_classes, image_shape, generator_hidden).to(device)
         if input_kind in ("learned", "fixed"):
-            inputs = torch.randn(inner_steps, batch_size, noise_size, generator=rng).to(device)
-            self.inputs = nn.Parameter(inputs, requires_grad=input_kind == "learned")
-        self.log_lr = nn.Parameter(torch.tensor(math.log(inner_lr), device=device),
-                                   requires_grad=learn_inner_lr)
+            self.inputs = torch.randn(inner_steps, batch_size, noise_size, generator=rng).to(device)
+        self.log_lr = torch.tensor(math.log(inner_lr), device=device)
         self.labels = balanced_labels(inner_steps, batch_size, num_classes, device)
 
-    def parameters(self):
-        params = [] if self.generator is None else list(self.generator.parameters())
-        params += [p for p in (self.inputs, self.log_lr) if p is not None and p.requires_grad]
-        return params
+    def _tensors(self):
+        tensors = {} if self.generator is None else {
+            f"generator.{name}": parameter for name, parameter in self.generator.named_parameters()}
+        if self.inputs is not None:
+            tensors["inputs"] = self.inputs
+        tensors["log_lr"] = self.log_lr
+        return tensors
+
+    def learned(self):
+        """The tensors the outer loop learns, by name (as teacher files name them)."""
+        learned = {name: tensor.detach() for name, tensor in self._tensors().items()
+                   if name.startswith("generator.")}
+        if self.input_kind == "learned":
+            learned["inputs"] = self.inputs
+        if self.learn_inner_lr:
+            learned["log_lr"] = self.log_lr
+        return learned
+
+    def fixed(self):
+        """The teacher's other tensors, which differ between seeds (fixed inputs, a fixed lr)."""
+        return {name: tensor for name, tensor in self._tensors().items()
+                if not name.startswith("generator.") and name not in self.learned()}
+
+    def load(self, tensors):
+        """Take new values of the named tensors, in place."""
+        targets = self._tensors()
+        with torch.no_grad():
+            for name, value in tensors.items():
+                targets[name].copy_(value)
 
     def lr(self):
         return self.log_lr.exp()
@@ -180,11 +228,9 @@ class Teacher:
             return noise.to(self.log_lr.device)
         return self.inputs
 
-    def batches(self, train_images, train_labels, rng=None, order=None, truncation=None):
-        """The K training batches (images, labels) for one learner.
-
-        ``order`` permutes the inner steps (the curriculum check); with
-        ``truncation`` only the last steps' images keep a graph."""
+    def batches(self, train_images, train_labels, rng=None, order=None):
+        """The K training batches (images, labels) for one evaluation learner;
+        ``order`` permutes the inner steps (the curriculum check)."""
         if self.input_kind == "real":
             index = torch.randint(len(train_labels), (self.inner_steps, self.batch_size),
                                   generator=rng or self.rng).to(train_labels.device)
@@ -193,7 +239,7 @@ class Teacher:
             inputs, labels = self.draw_inputs(rng), self.labels
             if order is not None:
                 inputs, labels = inputs[order], labels[order]
-            images = generate(self.generator, inputs, labels, truncation)
+            images = generate(self.generator, inputs, labels)
         return images, labels
 
 
@@ -209,7 +255,7 @@ def evaluate(teacher, learner, train, splits, learners, momentum, seed, order=No
     for _ in range(learners):
         with torch.no_grad():
             images, labels = teacher.batches(*train, rng=rng, order=order)
-        params = init_learner_params(learner, rng, device=device)
+        params = reset_weights(learner, rng, device=device)
 
         def record(step, params):
             if curve_on is not None:
@@ -219,7 +265,7 @@ def evaluate(teacher, learner, train, splits, learners, momentum, seed, order=No
                     curve[step] += (logits.argmax(-1) == y).double().mean().cpu() / learners
 
         params = train_learner(learner, params, images, labels, teacher.lr().detach(),
-                               momentum, differentiable=False, on_step=record)
+                               momentum, on_step=record)
         with torch.no_grad():
             for name, (x, y) in splits.items():
                 logits = functional_call(learner, params, (x,))
@@ -315,7 +361,7 @@ def check_options(input, truncation, inner_steps, learn_inner_lr, transfer_learn
 
 
 @TEACHERS.register("GTN", aliases=["GenerativeTeachingNetwork"])
-class GenerativeTeachingNetwork(TeachingMethod):
+class GenerativeTeachingNetwork(PureTeachingMethod):
     """Train a GTN teacher (see the module docstring); one outer step is one
     fresh learner's K inner steps and the teacher's update.
 
@@ -350,36 +396,60 @@ class GenerativeTeachingNetwork(TeachingMethod):
                                self.generator_hidden, self.inner_steps, self.batch_size, self.inner_lr,
                                self.learn_inner_lr, self.rng, device)
         self.learner = build_student(self.learner_spec, self.data, "teaching.learner").to(device)
-        self.parameters = self.teacher.parameters()
-        self.optimiser = torch.optim.Adam(self.parameters, lr=self.outer_lr) if self.parameters else None
+        self.outer_optimiser = optimisers.HYPERPARAMETER_OPTIMISERS.get("Adam")(lr=self.outer_lr)
+        learned = self.teacher.learned()
+        self.optimiser_state = self.outer_optimiser.init(learned) if learned else {}
 
     def checkpointed(self):
-        state = {"log_lr": self.teacher.log_lr, "rng": self.rng}
+        state = {"log_lr": self.teacher.log_lr, "rng": self.rng, "optimiser": self.optimiser_state}
         if self.teacher.generator is not None:
             state["generator"] = self.teacher.generator
         if self.teacher.inputs is not None:
             state["inputs"] = self.teacher.inputs
-        if self.optimiser is not None:
-            state["optimiser"] = self.optimiser
         return state
 
-    def outer_step(self, step):
+    def outer_state(self):
+        return {"learned": self.teacher.learned(), "fixed": self.teacher.fixed(),
+                "optimiser": self.optimiser_state}
+
+    def load_outer_state(self, state):
+        self.teacher.load({**state["fixed"], **state["learned"]})
+        self.optimiser_state = state["optimiser"]
+
+    def outer_inputs(self, step):
+        """The real batch, a fresh learner and (``noise``, ``real``) its K
+        batches' draws, from the run's generator, in that order."""
+        train_labels, device = self.splits["train"][1], self.context.device
+        inputs = {"real": torch.randint(len(train_labels), (self.real_batch_size,), generator=self.rng).to(device),
+                  "init": reset_weights(self.learner, self.rng, device=device)}
+        if self.input == "noise":
+            inputs["noise"] = self.teacher.draw_inputs()
+        elif self.input == "real":
+            inputs["indices"] = torch.randint(len(train_labels), (self.inner_steps, self.batch_size),
+                                              generator=self.rng).to(device)
+        return inputs
+
+    def pure_outer_step(self, state, inputs):
+        """One teacher step: Adam on the clipped hypergradient of the real-data
+        loss of a fresh learner trained on the teacher's K batches."""
         train_images, train_labels = self.splits["train"]
-        device = self.context.device
-        real = torch.randint(len(train_labels), (self.real_batch_size,), generator=self.rng).to(device)
-        init_params = init_learner_params(self.learner, self.rng, device=device)
-        images, labels = self.teacher.batches(train_images, train_labels, truncation=self.truncation)
-        params = train_learner(self.learner, init_params, images, labels, self.teacher.lr(), self.momentum,
-                               differentiable=True, truncation=self.truncation)
-        loss = F.cross_entropy(functional_call(self.learner, params, (train_images[real],)), train_labels[real])
-        metrics = {"Loss/Training": loss.detach()}
-        if self.optimiser is not None:
-            self.optimiser.zero_grad()
-            loss.backward()
-            metrics["Hypergradient/Norm"] = torch.nn.utils.clip_grad_norm_(self.parameters, self.max_grad_norm)
-            self.optimiser.step()
-        metrics["Hyperparameter/Lr"] = self.teacher.lr().detach()
-        return metrics
+        fixed = {**state["fixed"], "labels": self.teacher.labels}
+        if "noise" in inputs:
+            fixed["inputs"] = inputs["noise"]
+        if "indices" in inputs:
+            fixed["images"], fixed["labels"] = train_images[inputs["indices"]], train_labels[inputs["indices"]]
+        real = train_images[inputs["real"]], train_labels[inputs["real"]]
+        learned = state["learned"]
+        if not learned:  # input: real with a fixed learning rate: nothing to learn
+            loss = meta_loss(self.teacher.generator, self.learner, inputs["init"], fixed, self.momentum, real)
+            return state, {"Loss/Training": loss, "Hyperparameter/Lr": fixed["log_lr"].exp()}
+        result = meta_hypergradient(self.teacher.generator, self.learner, inputs["init"], learned, fixed,
+                                    self.momentum, real, truncation=self.truncation)
+        gradient, norm = clip_by_global_norm(result.gradient, self.max_grad_norm)
+        learned, optimiser = self.outer_optimiser.update(learned, gradient, state["optimiser"])
+        lr = {**fixed, **learned}["log_lr"].exp()
+        return ({"learned": learned, "fixed": state["fixed"], "optimiser": optimiser},
+                {"Loss/Training": result.value, "Hypergradient/Norm": norm, "Hyperparameter/Lr": lr})
 
     def evaluate(self, step):
         metrics, _ = evaluate(self.teacher, self.learner, self.splits["train"],
@@ -479,26 +549,26 @@ def transfer_metrics(teacher, spec, index, data, splits, eval_learners, momentum
 # ----------------------------------------------------------------------------- memory
 
 def peak_saved_bytes(inner_steps, truncation=None, batch_size=50, noise_size=16, seed=0):
-    """Peak live bytes autograd keeps for one outer step (meta-loss forward and
-    backward) of a digits-sized GTN with learned inputs: the memory the unroll
-    grows with. Full unrolls grow linearly in K; ``truncation = T`` bounds it by
-    T. (For bench/RESULTS.md; exact on any device, via saved-tensor hooks.)
+    """Peak bytes allocated during one hypergradient (the meta-loss forward
+    and backward) of a digits-sized GTN with learned inputs: the memory the
+    unroll grows with. Full unrolls grow linearly in K; ``truncation = T``
+    bounds it by T. (For bench/RESULTS.md; from the profiler's allocation
+    events, :class:`common.MemoryMeter`, on the CPU.)
 
         python -c "from commentaries import gtn; print(gtn.peak_saved_bytes(128, 8))"
     """
-    from commentaries.common import SavedTensorMeter
+    from commentaries.common import MemoryMeter
     from models import MLP
 
     torch.manual_seed(seed)
     generator = Generator(noise_size, 10, (1, 8, 8))
-    inputs = torch.randn(inner_steps, batch_size, noise_size, requires_grad=True)
-    labels = balanced_labels(inner_steps, batch_size, 10)
+    learned = {f"generator.{name}": p.detach() for name, p in generator.named_parameters()}
+    learned.update(inputs=torch.randn(inner_steps, batch_size, noise_size), log_lr=torch.tensor(math.log(0.2)))
+    fixed = {"labels": balanced_labels(inner_steps, batch_size, 10)}
     learner = MLP(hidden=[64], input_shape=(1, 8, 8), output_size=10)
-    init = init_learner_params(learner, torch.Generator().manual_seed(seed))
-    real_images, real_labels = torch.rand(256, 1, 8, 8), torch.randint(10, (256,))
-    meter = SavedTensorMeter()
+    init = reset_weights(learner, torch.Generator().manual_seed(seed))
+    real = torch.rand(256, 1, 8, 8), torch.randint(10, (256,))
+    meter = MemoryMeter()
     with meter.measure():
-        loss = meta_loss(generator, inputs, labels, learner, init, torch.tensor(0.2, requires_grad=True),
-                         0.5, real_images, real_labels, truncation=truncation)
-        loss.backward()
+        meta_hypergradient(generator, learner, init, learned, fixed, 0.5, real, truncation=truncation)
     return meter.peak

@@ -17,6 +17,7 @@ gives every method the same machinery as a hyperparameter run:
 * one results schema, one progress bar, one teacher file format
   (:mod:`commentaries.storage`).
 """
+import contextlib
 import dataclasses
 import math
 import time
@@ -49,11 +50,21 @@ class Context:
     divergence_penalty: float = config.SCHEMA["divergence_penalty"][2]
     validation_proportion: float = config.SCHEMA["validation_proportion"][2]
     data_root: str | None = None
+    dtype: torch.dtype = torch.float32  # of the data and of every network and teacher tensor
     tracker: Tracker | None = None  # set by :func:`run`
 
     @property
     def writer(self):
         return None if self.tracker is None else self.tracker.writer
+
+    @classmethod
+    def from_config(cls, cfg, run_dir, device, progress):
+        """The context of a ``teaching`` config's run (``train.py``, a population member)."""
+        return cls(run_dir=run_dir, device=device, seed=cfg["seed"], progress=progress,
+                   description=cfg["algorithm"], checkpoint_every=cfg["checkpoint_every"],
+                   divergence_penalty=cfg["divergence_penalty"],
+                   validation_proportion=cfg["validation_proportion"], data_root=cfg["data_root"],
+                   dtype={"float32": torch.float32, "float64": torch.float64}[cfg["dtype"]])
 
 
 class TeachingMethod:
@@ -121,6 +132,49 @@ class TeachingMethod:
         ``TrainWithCommentary``; ``None`` if this method's teachers cannot teach a student."""
         return None
 
+    @classmethod
+    def population_refusal(cls, options):
+        """None if runs of this method with ``options`` (its ``teaching``
+        section) over seeds can train as one population
+        (:mod:`commentaries.population`), else the one-line reason, naming
+        the ``teaching.<key>``."""
+        return (f"teaching.class: {options.get('class')} does not run as a population (its outer "
+                f"step is not a pure function of its state); run it one seed at a time")
+
+
+class PureTeachingMethod(TeachingMethod):
+    """A method whose outer step is a pure function
+    ``pure_outer_step(state, inputs) -> (state, metrics)`` of a tree of
+    tensors (the teacher and its outer optimiser's state) and of the step's
+    random draws (``outer_inputs(step)``: a fresh student, its batches),
+    written with ``torch.func``. A run applies it to its own state; a
+    population of seeds applies it once, ``torch.func.vmap``-ed over the
+    members' stacked states and draws, so each member computes what it
+    would alone. The state must be in :meth:`checkpointed` (the loop saves
+    and restores it)."""
+
+    @classmethod
+    def population_refusal(cls, options):
+        return None
+
+    def outer_state(self):
+        raise NotImplementedError
+
+    def load_outer_state(self, state):
+        raise NotImplementedError
+
+    def outer_inputs(self, step):
+        """The step's random draws, from the run's own generators (never the global stream)."""
+        raise NotImplementedError
+
+    def pure_outer_step(self, state, inputs):
+        raise NotImplementedError
+
+    def outer_step(self, step):
+        state, metrics = self.pure_outer_step(self.outer_state(), self.outer_inputs(step))
+        self.load_outer_state(state)
+        return metrics
+
 
 def _state_of(value):
     if isinstance(value, torch.Generator):
@@ -135,7 +189,7 @@ def _state_of(value):
 
 
 def _load_state(target, state):
-    """Restore in place, so optimisers keep pointing at the same tensors."""
+    """Restore in place, so optimisers keep pointing at the same tensors (on their device)."""
     if isinstance(target, torch.Generator):
         target.set_state(state)
     elif torch.is_tensor(target):
@@ -143,7 +197,8 @@ def _load_state(target, state):
             target.copy_(state)
     elif isinstance(target, dict):
         for key, item in state.items():
-            if key in target and (torch.is_tensor(target[key]) or hasattr(target[key], "load_state_dict")):
+            if key in target and (torch.is_tensor(target[key]) or hasattr(target[key], "load_state_dict")
+                                  or (isinstance(target[key], dict) and isinstance(item, dict))):
                 _load_state(target[key], item)
             else:
                 target[key] = item
@@ -192,65 +247,107 @@ class IntervalMeans:
         self.sums, self.counts = dict(state["sums"]), dict(state["counts"])
 
 
+class Run:
+    """One teaching run's machinery around its outer steps: the checkpoint it
+    resumes from, the tracker, logs at intervals, divergence, checkpoints,
+    the results. :func:`run` feeds it its method's steps one at a time; a
+    population (:mod:`commentaries.population`) feeds each member's run the
+    member's slice of one vectorised step, so each member logs,
+    checkpoints and finishes exactly as it would alone."""
+
+    def __init__(self, method, context):
+        self.method, self.context = method, context
+        self.checkpoint_path = Path(context.run_dir) / CHECKPOINT
+        resumed = load_checkpoint(self.checkpoint_path)
+        self.start = self.step = resumed["step"] if resumed else 0
+        self.wall_time = resumed["wall_time_s"] if resumed else 0.0
+        # the checkpoint at step s was written after step s's logs: purge what came after them only
+        context.tracker = self.tracker = Tracker(context.run_dir, purge_step=self.start + 1 if resumed else None)
+        method.setup()
+        self.means = IntervalMeans()
+        if resumed:
+            try:
+                method.load_state_dict(resumed["method"])
+                self.means.load_state_dict(resumed["interval"])
+            except (KeyError, RuntimeError, ValueError, TypeError) as error:
+                raise UserError(f"{self.checkpoint_path}: not a checkpoint of this teaching configuration "
+                                f"({type(error).__name__})") from None
+            restore_random_states(resumed["random"])
+        else:
+            method.begin()
+        self.status = "finished"
+        self.bar = tqdm(total=method.steps, initial=self.start, disable=not context.progress,
+                        desc=context.description, unit="step", dynamic_ncols=True, leave=False)
+        self.started = time.perf_counter()
+
+    @property
+    def running(self):
+        return self.status == "finished" and self.step < self.method.steps
+
+    def record(self, metrics):
+        """After one outer step with ``metrics``: log at intervals, stop on divergence, checkpoint."""
+        method, context = self.method, self.context
+        self.means.add(metrics)
+        self.step += 1
+        self.bar.update()
+        if self.step % method.log_interval == 0 or self.step == method.steps:
+            interval = self.means.pop()
+            for tag, value in {**interval, **method.evaluate(self.step)}.items():
+                self.tracker.scalar(tag, value, self.step)
+            latest = self.tracker.flush()
+            self.bar.set_postfix({tag.split("/")[-1][:5]: f"{latest[tag]:.4g}" for tag in interval},
+                                 refresh=False)
+            if not all(math.isfinite(latest[tag]) for tag in interval):
+                self.status = "diverged"
+                return
+        if context.checkpoint_every and self.step % context.checkpoint_every == 0 and self.step < method.steps:
+            save_checkpoint(self.checkpoint_path, method, self.step,
+                            self.wall_time + time.perf_counter() - self.started, self.means)
+
+    def finish(self):
+        """The method's final metrics, teacher file and the run's results."""
+        method, context, step = self.method, self.context, self.step
+        results = {"status": self.status, "dataset": method.dataset_name, "outer_steps_done": step,
+                   "resumed_from_step": self.start, "final": {},
+                   "objective": context.divergence_penalty, "teaching": {}, "hyperparameters": {},
+                   "teacher_file": None}
+        if self.status == "finished":
+            self.bar.set_description(f"{context.description}: finishing")
+            results.update(method.finish(step))
+            final = results["final"]
+            if not all(math.isfinite(value) for tag, value in final.items() if tag.startswith("Loss/")):
+                results["status"] = "diverged"
+            else:
+                results["objective"] = final["Loss/Validation"]
+            for tag, value in final.items():
+                self.tracker.scalar(f"Final/{tag}", value, step)
+            exported = method.export()
+            if exported is not None:
+                path = Path(context.run_dir) / storage.FILE_NAME
+                results["teacher_file"] = str(storage.save_teacher(path, method=method.name,
+                                                                   **exported))
+        self.bar.close()
+        self.tracker.close()
+        results["wall_time_s"] = self.wall_time + time.perf_counter() - self.started
+        return results
+
+
+@contextlib.contextmanager
+def default_dtype(dtype):
+    """Networks and teacher tensors built while a run is set up, steps and
+    finishes take the run's ``dtype`` (its data are cast when loaded)."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
 def run(method, context):
     """Run ``method`` to the end (or to divergence) and return its results."""
-    checkpoint_path = Path(context.run_dir) / CHECKPOINT
-    resumed = load_checkpoint(checkpoint_path)
-    start = resumed["step"] if resumed else 0
-    wall_time = resumed["wall_time_s"] if resumed else 0.0
-    context.tracker = tracker = Tracker(context.run_dir, purge_step=start if resumed else None)
-    method.setup()
-    means = IntervalMeans()
-    if resumed:
-        try:
-            method.load_state_dict(resumed["method"])
-            means.load_state_dict(resumed["interval"])
-        except (KeyError, RuntimeError, ValueError, TypeError) as error:
-            raise UserError(f"{checkpoint_path}: not a checkpoint of this teaching configuration "
-                            f"({type(error).__name__})") from None
-        restore_random_states(resumed["random"])
-    else:
-        method.begin()
-    status, step = "finished", start
-    bar = tqdm(total=method.steps, initial=start, disable=not context.progress, desc=context.description,
-               unit="step", dynamic_ncols=True, leave=False)
-    started = time.perf_counter()
-    while step < method.steps:
-        metrics = method.outer_step(step)
-        means.add(metrics)
-        step += 1
-        bar.update()
-        if step % method.log_interval == 0 or step == method.steps:
-            interval = means.pop()
-            for tag, value in {**interval, **method.evaluate(step)}.items():
-                tracker.scalar(tag, value, step)
-            latest = tracker.flush()
-            bar.set_postfix({tag.split("/")[-1][:5]: f"{latest[tag]:.4g}" for tag in interval}, refresh=False)
-            if not all(math.isfinite(latest[tag]) for tag in interval):
-                status = "diverged"
-                break
-        if context.checkpoint_every and step % context.checkpoint_every == 0 and step < method.steps:
-            save_checkpoint(checkpoint_path, method, step, wall_time + time.perf_counter() - started, means)
-    results = {"status": status, "dataset": method.dataset_name, "outer_steps_done": step,
-               "resumed_from_step": start, "final": {},
-               "objective": context.divergence_penalty, "teaching": {}, "hyperparameters": {},
-               "teacher_file": None}
-    if status == "finished":
-        bar.set_description(f"{context.description}: finishing")
-        results.update(method.finish(step))
-        final = results["final"]
-        if not all(math.isfinite(value) for tag, value in final.items() if tag.startswith("Loss/")):
-            results["status"] = "diverged"
-        else:
-            results["objective"] = final["Loss/Validation"]
-        for tag, value in final.items():
-            tracker.scalar(f"Final/{tag}", value, step)
-        exported = method.export()
-        if exported is not None:
-            path = Path(context.run_dir) / storage.FILE_NAME
-            results["teacher_file"] = str(storage.save_teacher(path, method=method.name,
-                                                               **exported))
-    bar.close()
-    tracker.close()
-    results["wall_time_s"] = wall_time + time.perf_counter() - started
-    return results
+    with default_dtype(context.dtype):
+        machinery = Run(method, context)
+        while machinery.running:
+            machinery.record(method.outer_step(machinery.step))
+        return machinery.finish()

@@ -21,7 +21,7 @@ import commentaries  # noqa: E402
 import datasets  # noqa: E402
 import linear_solvers  # noqa: E402
 from commentaries import attention, augmentation, example_weighting, storage  # noqa: E402
-from commentaries.common import SavedTensorMeter, build_student, fresh_weights  # noqa: E402
+from commentaries.common import MemoryMeter, build_student, fresh_weights  # noqa: E402
 from commentaries.loop import Context  # noqa: E402
 from errors import UserError  # noqa: E402
 from hypergradients import gradient_step, implicit, unrolled  # noqa: E402
@@ -100,52 +100,59 @@ def tiny_weighting_problem(dtype=torch.float64):
     student = build_student({"class": "MLP", "hidden": [6], "activation_function": "Tanh"}, data, "s").to(dtype)
     problem = example_weighting.Problem(data, teacher, student, curriculum=True, inner_steps=4, inner_lr=0.5,
                                         batch_size=16)
-    hyper = tuple(p.detach().clone().requires_grad_(True) for p in teacher.parameters())
+    hyper = {name: p.detach().clone() for name, p in teacher.named_parameters()}
     return problem, student, hyper
 
 
 def unrolled_loss(problem, student, hyper, **modes):
-    weights = fresh_weights(student, "cpu", torch.float64)
-    loss, _, grads = problem.hypergradient(weights, hyper, torch.Generator().manual_seed(3), **modes)
-    return loss, grads
+    """The validation loss after the inner steps and its hypergradient, through
+    the core's ``hypergradients.unrolled`` (``Problem.hypergradient``)."""
+    weights = {name: w.detach() for name, w in fresh_weights(student, "cpu", torch.float64).items()}
+    batches = problem.sample_batches(torch.Generator().manual_seed(3))
+    result = problem.hypergradient(weights, hyper, batches, **modes)
+    return result.value, result.gradient
 
 
 def test_unrolled_hypergradient_matches_central_finite_differences():
     problem, student, hyper = tiny_weighting_problem()
     loss, grads = unrolled_loss(problem, student, hyper)
+    assert set(grads) == set(hyper)
     generator = torch.Generator().manual_seed(1)
     for _ in range(3):
-        direction = [torch.randn(h.shape, generator=generator, dtype=h.dtype) for h in hyper]
+        direction = {n: torch.randn(h.shape, generator=generator, dtype=h.dtype) for n, h in hyper.items()}
         epsilon = 1e-6  # small: the teacher's max-pooling is only piecewise smooth
-        plus = unrolled_loss(problem, student, tuple(h + epsilon * d for h, d in zip(hyper, direction)))[0]
-        minus = unrolled_loss(problem, student, tuple(h - epsilon * d for h, d in zip(hyper, direction)))[0]
+        plus = unrolled_loss(problem, student, {n: h + epsilon * direction[n] for n, h in hyper.items()})[0]
+        minus = unrolled_loss(problem, student, {n: h - epsilon * direction[n] for n, h in hyper.items()})[0]
         numeric = float(plus - minus) / (2 * epsilon)
-        analytic = float(sum((g * d).sum() for g, d in zip(grads, direction)))
+        analytic = float(sum((grads[n] * d).sum() for n, d in direction.items()))
         assert abs(numeric) > 1e-6
         assert analytic == pytest.approx(numeric, rel=1e-5)
 
 
 def test_checkpointed_unroll_is_exact_and_holds_less_memory():
+    """Exact chunked checkpointing gives the full gradient and allocates less
+    at its peak (measured from the profiler's allocation events:
+    ``torch.func`` refuses saved-tensor hooks)."""
     problem, student, hyper = tiny_weighting_problem()
     problem.inner_steps = 12
     meters = {}
     results = {}
     for name, modes in (("full", {}), ("chunks", {"chunk_size": 3}), ("chunks_uneven", {"chunk_size": 5})):
-        meter = SavedTensorMeter()
+        meter = MemoryMeter()
         with meter.measure():
             results[name] = unrolled_loss(problem, student, hyper, **modes)
         meters[name] = meter.peak
     for name in ("chunks", "chunks_uneven"):
         assert float(results[name][0]) == pytest.approx(float(results["full"][0]), rel=1e-12)
-        for a, b in zip(results[name][1], results["full"][1]):
-            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
-    assert meters["chunks"] < 0.5 * meters["full"]
+        for key, full in results["full"][1].items():
+            torch.testing.assert_close(results[name][1][key], full, rtol=1e-9, atol=1e-12)
+    assert meters["chunks"] < 0.5 * meters["full"], meters
     # a truncated window of all K steps is the full gradient; a shorter one is not
     same = unrolled_loss(problem, student, hyper, truncation=12)[1]
     short = unrolled_loss(problem, student, hyper, truncation=3)[1]
-    for a, b in zip(same, results["full"][1]):
-        torch.testing.assert_close(a, b)
-    assert not all(torch.allclose(a, b) for a, b in zip(short, results["full"][1]))
+    for key, full in results["full"][1].items():
+        torch.testing.assert_close(same[key], full)
+    assert not all(torch.allclose(short[key], full) for key, full in results["full"][1].items())
 
 
 @pytest.mark.parametrize("chunk_size", [None, 2], ids=["whole", "chunks"])

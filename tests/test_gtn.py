@@ -10,6 +10,7 @@ import commentaries
 from commentaries import gtn, storage
 from commentaries.loop import Context
 from errors import UserError
+from commentaries.common import reset_weights
 from models import MLP
 
 
@@ -19,60 +20,61 @@ def run_gtn(run_dir, seed=0, **options):
     return commentaries.run({"class": "GTN", **options}, Context(run_dir=pathlib.Path(run_dir), seed=seed))
 
 
-def tiny_problem(steps=3, truncation=None):
-    """A float64 GTN small enough for finite differences on every parameter."""
+def tiny_problem(steps=3):
+    """A float64 GTN small enough for finite differences on every teacher
+    tensor: ``hypergradient(learned, **modes)`` through the core's
+    ``hypergradients.unrolled`` and the plain ``loss(learned)``."""
     torch.manual_seed(0)
     classes, shape, noise_size, batch = 3, (1, 2, 2), 2, 4
     generator = gtn.Generator(noise_size, classes, shape, hidden_size=5).double()
-    inputs = torch.randn(steps, batch, noise_size, dtype=torch.float64, requires_grad=True)
-    log_lr = torch.tensor(-0.5, dtype=torch.float64, requires_grad=True)
-    labels = gtn.balanced_labels(steps, batch, classes)
+    learned = {f"generator.{name}": p.detach() for name, p in generator.named_parameters()}
+    learned.update(inputs=torch.randn(steps, batch, noise_size, dtype=torch.float64),
+                   log_lr=torch.tensor(-0.5, dtype=torch.float64))
+    fixed = {"labels": gtn.balanced_labels(steps, batch, classes)}
     learner = MLP(hidden=[8], input_shape=shape, output_size=classes).double()
-    init = gtn.init_learner_params(learner, torch.Generator().manual_seed(1), dtype=torch.float64)
-    real_x = torch.rand(6, *shape, dtype=torch.float64)
-    real_y = torch.tensor([0, 1, 2, 0, 1, 2])
+    init = reset_weights(learner, torch.Generator().manual_seed(1), dtype=torch.float64)
+    real = torch.rand(6, *shape, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1, 2])
 
-    def loss():
-        return gtn.meta_loss(generator, inputs, labels, learner, init, log_lr.exp(), 0.5,
-                             real_x, real_y, truncation=truncation)
+    def hypergradient(learned, **modes):
+        return gtn.meta_hypergradient(generator, learner, init, learned, fixed, 0.5, real, **modes)
 
-    return loss, list(generator.parameters()) + [inputs, log_lr]
+    def loss(learned):
+        return float(gtn.meta_loss(generator, learner, init, {**fixed, **learned}, 0.5, real))
+
+    return hypergradient, loss, learned
 
 
-def central_difference(loss, tensor, index, epsilon=1e-6):
-    original = tensor.view(-1)[index].item()
+def central_difference(loss, learned, name, index, epsilon=1e-6):
     values = []
     for shift in (epsilon, -epsilon):
-        with torch.no_grad():
-            tensor.view(-1)[index] = original + shift
-        values.append(loss().item())
-    with torch.no_grad():
-        tensor.view(-1)[index] = original
+        bumped = learned[name].clone()
+        bumped.view(-1)[index] += shift
+        values.append(loss({**learned, name: bumped}))
     return (values[0] - values[1]) / (2 * epsilon)
 
 
-def test_unrolled_hypergradient_matches_finite_differences():
-    loss, teacher_params = tiny_problem()
-    grads = torch.autograd.grad(loss(), teacher_params)
+@pytest.mark.parametrize("chunk_size", [None, 2], ids=["full", "chunks2"])
+def test_unrolled_hypergradient_matches_finite_differences(chunk_size):
+    hypergradient, loss, learned = tiny_problem()
+    result = hypergradient(learned, chunk_size=chunk_size)
+    assert float(result.value) == pytest.approx(loss(learned), rel=1e-12)
     checked = 0
-    for tensor, grad in zip(teacher_params, grads):
+    for name, tensor in learned.items():
+        grad = result.gradient[name]
         for index in torch.linspace(0, tensor.numel() - 1, min(tensor.numel(), 5)).long().tolist():
-            expected = central_difference(loss, tensor, index)
+            expected = central_difference(loss, learned, name, index)
             assert grad.reshape(-1)[index].item() == pytest.approx(expected, rel=1e-5, abs=1e-8)
             checked += 1
-    assert checked >= 30 and all(g.abs().max() > 1e-5 for g in grads)  # every part gets signal
+    assert checked >= 30 and all(g.abs().max() > 1e-5 for g in result.gradient.values())  # every part gets signal
 
 
 def test_truncation_over_all_steps_is_the_full_gradient_and_shorter_windows_differ():
-    full_loss, full_params = tiny_problem(steps=4)
-    full = torch.autograd.grad(full_loss(), full_params)
-    window_loss, window_params = tiny_problem(steps=4, truncation=4)
-    window = torch.autograd.grad(window_loss(), window_params)
-    for a, b in zip(full, window):
-        torch.testing.assert_close(a, b)
-    short_loss, short_params = tiny_problem(steps=4, truncation=1)
-    short = torch.autograd.grad(short_loss(), short_params, allow_unused=True, materialize_grads=True)
-    inputs_grad = short[-2]
+    hypergradient, _, learned = tiny_problem(steps=4)
+    full = hypergradient(learned).gradient
+    window = hypergradient(learned, truncation=4).gradient
+    for name in full:
+        torch.testing.assert_close(full[name], window[name])
+    inputs_grad = hypergradient(learned, truncation=1).gradient["inputs"]
     assert torch.all(inputs_grad[:3] == 0) and inputs_grad[3].abs().max() > 0
 
 
@@ -128,7 +130,7 @@ def test_fresh_noise_and_real_data_baselines_run(tmp_path):
 def test_fixed_input_is_not_learned_and_shuffled_batches_are_a_permutation():
     rng = torch.Generator().manual_seed(0)
     teacher = gtn.Teacher("fixed", 4, 10, (1, 8, 8), 16, 5, 10, 0.1, True, rng, torch.device("cpu"))
-    assert all(p is not teacher.inputs for p in teacher.parameters())
+    assert "inputs" not in teacher.learned() and torch.equal(teacher.fixed()["inputs"], teacher.inputs)
     order = torch.tensor([4, 2, 0, 1, 3])
     images, _ = teacher.batches(None, None)
     shuffled, labels = teacher.batches(None, None, order=order)
@@ -184,10 +186,13 @@ def test_parallel_exec_runs_a_gtn_over_seeds(tmp_path):
 
 
 def test_truncated_unroll_memory_is_bounded_by_the_window_not_the_unroll_length():
+    """Peak allocated bytes (profiler events; ``torch.func`` refuses saved-tensor hooks)."""
     full_short, full_long = gtn.peak_saved_bytes(8), gtn.peak_saved_bytes(32)
     window_short, window_long = gtn.peak_saved_bytes(8, truncation=4), gtn.peak_saved_bytes(32, truncation=4)
     assert full_long > 3 * full_short  # the full unroll keeps every step's graph
-    assert window_long == window_short < full_short  # the window keeps T steps', whatever K
+    # the window keeps T steps', whatever K (up to the K x B inputs the outer variables hold)
+    assert window_long == pytest.approx(window_short, rel=0.1) and window_long < 0.75 * full_short, (
+        full_short, full_long, window_short, window_long)
 
 
 def test_saved_teacher_reloads_bit_for_bit_and_generates_the_same_images(tmp_path):

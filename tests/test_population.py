@@ -324,8 +324,8 @@ def test_what_does_not_vectorise_is_refused_with_one_line_naming_the_key(tmp_pat
     batch_norm = population.refusal(digits, {"model.batch_norm": True, "device": "cpu"})
     assert batch_norm.startswith("--set: model.batch_norm: a population cannot vectorise")
     teaching = population.refusal([CONFIGS / "digits_teaching.yaml",
-                                         CONFIGS / "Commentary_ExampleWeighting.yaml"])
-    assert "teaching" in teaching and "population" in teaching
+                                    CONFIGS / "AuxiLearn_Linear.yaml"])
+    assert "teaching.class" in teaching and "population" in teaching  # tests/test_teaching_population.py
     for reason in (batch_norm, teaching):
         assert "\n" not in reason
     members = [{"overrides": {"device": "cpu", "seed": 1}},

@@ -71,20 +71,20 @@ def test_campaign_key_population_size(tmp_path):
 
 
 def test_a_refused_configuration_runs_one_process_per_run_and_says_so(tmp_path, capsys):
-    tiny = ["teaching.outer_steps=2", "teaching.inner_steps=2", "teaching.log_interval=1",
-            "teaching.eval_learners=1", "device=cpu"]
-    status = parallel_exec.main(["-c", TEACHING, "--algorithms", "GTN_RealDataBaseline", "--repetitions", "2",
+    tiny = ["teaching.steps=20", "teaching.warmup_steps=5", "teaching.update_every=5",
+            "teaching.log_interval=10", "device=cpu"]
+    status = parallel_exec.main(["-c", TEACHING, "--algorithms", "AuxiLearn_Linear", "--repetitions", "2",
                                  "--generator", "iteration_id", "--workers", "2", "--population-size", "2",
                                  "-l", str(tmp_path), "-g", "teach", "--no-progress", "--set", *tiny])
     assert status == 0
     lines = [line for line in capsys.readouterr().err.splitlines() if "not vectorised" in line]
-    assert len(lines) == 1 and lines[0].startswith("GTN_RealDataBaseline: 2 run(s) one process each")
+    assert len(lines) == 1 and lines[0].startswith("AuxiLearn_Linear: 2 run(s) one process each")
     summary = json.loads((tmp_path / "teach" / "summary.json").read_text())
     assert summary["counts"] == {"finished": 2} and summary["populations"] == []
-    reason = summary["not_vectorised"]["GTN_RealDataBaseline"]["reason"]
-    assert "teaching" in reason  # names the key
+    reason = summary["not_vectorised"]["AuxiLearn_Linear"]["reason"]
+    assert "teaching.class" in reason  # names the key
     assert [line["run_dir"] for line in summary["runs"]] == [
-        str((tmp_path / "teach" / "digits_teaching" / "GTN_RealDataBaseline" / f"rep_{k}").resolve())
+        str((tmp_path / "teach" / "digits_teaching" / "AuxiLearn_Linear" / f"rep_{k}").resolve())
         for k in range(2)]
 
 
