@@ -35,16 +35,16 @@ def main(argv=None):
         root = pathlib.Path(directory)
         started = time.perf_counter()
         together = population.main(sources, [{"overrides": settings + [f"seed={seed}"],
-                                                    "run_dir": str(root / f"member{seed}")} for seed in seeds],
-                                         progress=False)
-        population = time.perf_counter() - started
+                                              "run_dir": str(root / f"member{seed}")} for seed in seeds],
+                                   progress=False)
+        vectorised = time.perf_counter() - started
         started = time.perf_counter()
         alone = [train.main(sources, settings + [f"seed={seed}"], run_dir=root / f"alone{seed}", progress=False)
                  for seed in seeds]
         sequential = time.perf_counter() - started
     difference = max(abs(a["objective"] - b["objective"]) for a, b in zip(together, alone))
     print(f"{arguments.algorithm}, {arguments.members} members on {arguments.device}: population "
-          f"{population:.1f} s, one after another {sequential:.1f} s (x{sequential / population:.2f}); "
+          f"{vectorised:.1f} s, one after another {sequential:.1f} s (x{sequential / vectorised:.2f}); "
           f"largest objective difference {difference:.1e}")
 
 

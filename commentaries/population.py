@@ -19,15 +19,14 @@ from pathlib import Path
 
 import torch
 
-import checkpoints
 import config as configuration
 import processes
 import validate
 from errors import UserError
 from step import member, stack
-from train import (CHECKPOINT, RESULTS, atomic_write, finished_results, make_directory, make_run_dir,
-                   pick_device, prepare, random_states, remove_event_files, restore_random_states,
-                   write_json)
+from train import (CHECKPOINT, RESULTS, clear_failed_attempt, finished_results,
+                   make_directory, make_run_dir, pick_device, prepare, random_states,
+                   restore_random_states, write_config, write_json)
 
 import commentaries
 from commentaries import TEACHERS, loop
@@ -148,10 +147,8 @@ def main(config, members, *, log_root="runs", group=None, device=None, progress=
                 if done is not None:
                     results[index] = done
                     continue
-            checkpoints.remove_stale_temporaries(run_dir)
-            if not (run_dir / CHECKPOINT).is_file():
-                remove_event_files(run_dir)  # an attempt killed before its first checkpoint
-            atomic_write(run_dir / "config.yaml", lambda p, c=cfg: p.write_text(configuration.to_yaml(c)))
+            clear_failed_attempt(run_dir)  # an attempt killed before its first checkpoint
+            write_config(run_dir, cfg)
             torch.manual_seed(cfg["seed"])  # as train.main
             context = loop.Context.from_config(cfg, run_dir, pick_device(cfg["device"], cfg.where("device")),
                                                progress and not runs)
