@@ -110,7 +110,8 @@ def step_parts(trainer):
         trainer.step()
     program, state = trainer.step_program, trainer.state
     batches = trainer.samplers.batches(trainer.program, trainer.network_weight_steps)
-    training, validation = batches["training"], batches["validation"]
+    training = [program.rows("training", indices) for indices in batches["training"]]
+    validation = program.rows(program.validation_split, batches["validation"])
     parts = interleaved_microseconds({
         "plain weight step": lambda: program.weight_step_function(state, training[0]),
         "hyperparameter update": lambda: program.hyperparameter_update_function(
