@@ -33,6 +33,8 @@ A step is ``network_weight_steps - K`` plain weight updates
 applies one transformation (``torch.compile``, ``vmap``, both) to these
 two pieces, which is what compiling or vectorising the step means.
 """
+import itertools
+
 import torch
 from torch.func import functional_call, grad_and_value
 
@@ -66,6 +68,7 @@ class Program:
                  validation_split="validation"):
         self.model, self.loss_function, self.data = model, loss_function, data
         self.names = [name for name, _ in model.named_parameters()]
+        self.tied = tied_names(model)
         self.optimiser, self.method, self.outer = optimiser, method, outer
         self.transforms, self.clipping = dict(transforms), dict(clipping)
         self.optimised = tuple(optimised)
@@ -108,7 +111,12 @@ class Program:
         return self.batch(split, None) if rows is None else rows
 
     def predict(self, weights, buffers, inputs):
-        return functional_call(self.model, (dict(zip(self.names, weights)), buffers), (inputs,))
+        named = {**dict(zip(self.names, weights)), **buffers}
+        for name, others in self.tied.items():
+            named.update(dict.fromkeys(others, named[name]))
+        # the ties spelt out once (tied_names), not looked up at every call:
+        # that look-up was a third of an eager UCI-energy forward pass
+        return functional_call(self.model, named, (inputs,), tie_weights=False)
 
     def loss_with(self, buffers):
         """``(weights, batch) -> training-mode loss``. The model sees copies of
@@ -256,6 +264,19 @@ class Program:
         if data.task == "language_model":
             metrics["Perplexity"] = torch.exp(metrics["Loss"])
         return metrics
+
+
+def tied_names(model):
+    """``{name: [the other names of the same tensor]}`` over the model's
+    parameters and buffers (``tie_weights`` of ``functional_call``, worked
+    out once): a tied decoder and embedding get the same weight."""
+    first, tied = {}, {}
+    for name, tensor in itertools.chain(model.named_parameters(remove_duplicate=False),
+                                        model.named_buffers(remove_duplicate=False)):
+        owner = first.setdefault(id(tensor), name)
+        if owner != name:
+            tied.setdefault(owner, []).append(name)
+    return tied
 
 
 def vectorised(function):

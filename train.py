@@ -37,7 +37,8 @@ import models
 import processes
 import validate
 from engine import (Problem, Sampled, Trainer, build_program, compile_by_calling,
-                    compile_refusal, compiler, initial_state, shaped_batches)
+                    compile_refusal, compiler, initial_state, keep_freed_memory,
+                    shaped_batches)
 from errors import CommandLine, UserError, exit_on_user_error
 from step import member as member_state
 from step import stack, vectorised
@@ -783,6 +784,7 @@ def main_population(config, members, *, log_root="runs", group=None, device=None
     if not members:
         return []
     allow_open_files(4 * len(members) + 256)  # each member's TensorBoard writer holds files
+    keep_freed_memory()  # a population's tensors are large: no page faults for each new one
     results = [None] * len(members)
     with contextlib.ExitStack() as locks:
         pending = []
