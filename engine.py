@@ -12,6 +12,7 @@ All state needed to continue a run bit for bit (the step's state, samplers,
 counters) is in :meth:`Trainer.state_dict`, as tensors, dicts, lists,
 tuples, numbers and strings only (``torch.load(..., weights_only=True)``).
 """
+import ctypes
 import functools
 import logging
 import time
@@ -167,6 +168,25 @@ def compiler(device, where="compile"):
     # matters at these sizes; measured on CPU only.
     options = {"cpp_wrapper": True} if device.type == "cpu" else None
     return functools.partial(torch.compile, dynamic=False, options=options)
+
+
+def keep_freed_memory():
+    """Have the C library's ``malloc`` keep freed memory for reuse (glibc:
+    no ``mmap`` for large blocks, the heap trimmed only past 256 MiB free),
+    for the rest of the process. A population's tensors on the CPU are
+    megabytes each (64 Fashion-MNIST-shape members: 10 MB per weight tensor),
+    and every operation of the step makes new ones; with glibc's defaults each
+    comes as fresh pages from the kernel, and the page faults cost as much as
+    the arithmetic (a 64-member weight step: 28 against 18 ms of CPU; 256
+    members: 136 against 73). Returns whether the settings took (False where
+    the C library has no ``mallopt``: nothing changes)."""
+    m_trim_threshold, m_mmap_max = -1, -4
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
+    return bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, 256 << 20))
 
 
 def compile_refusal(problem, config):

@@ -5,7 +5,8 @@ A weight optimiser is ``init(params) -> state`` and
 tuples of tensors, in the style of optax. Hyperparameters are ordinary
 inputs, so the new weights are a differentiable function of them (and of
 the old weights) under ``torch.func`` transforms: that is all the
-hypergradient methods need. Nothing is updated in place and no
+hypergradient methods need. Nothing the caller holds is updated in place
+(only tensors an update has itself just made) and no
 multi-tensor (``_foreach``) kernel is used, so ``update`` runs unchanged
 under ``torch.func.grad``/``vjp``, ``torch.func.vmap`` over a population of
 runs, and ``torch.compile`` (which fuses the per-tensor loops itself).
@@ -70,6 +71,11 @@ def sgd():
         return {"momentum_buffer": tuple(torch.zeros_like(p) for p in params)}
 
     def update(params, grads, state, hypers):
+        # The formulas above, the sums accumulated in place into the products
+        # this update has just made (nothing it was given, nothing autograd
+        # saved), so it stays pure and the IEEE results are the same
+        # (a + b = b + a): the same operations, fewer fresh tensors, which
+        # for a population's large weights cost page faults.
         new_params, new_buffers = [], []
         for index, (weight, grad, buffer) in enumerate(
                 zip(params, grads, state["momentum_buffer"])):
@@ -77,8 +83,8 @@ def sgd():
             momentum = per_weight(hypers["momentum"], index)
             # a constant 0 (a plain number, as the teaching methods' inner loops
             # pass) adds no operation to the graph: the same numbers
-            direction = grad if _is_zero(weight_decay) else grad + weight_decay * weight
-            buffer = direction if _is_zero(momentum) else momentum * buffer + direction
+            direction = grad if _is_zero(weight_decay) else (weight_decay * weight).add_(grad)
+            buffer = direction if _is_zero(momentum) else (momentum * buffer).add_(direction)
             new_params.append(weight - per_weight(hypers["lr"], index) * buffer)
             new_buffers.append(buffer)
         return tuple(new_params), {"momentum_buffer": tuple(new_buffers)}

@@ -33,7 +33,7 @@ import hyperparameters
 import models
 import processes
 import train
-from engine import (Sampled, Trainer, build_program, compile_by_calling, compiler,
+from engine import (Sampled, Trainer, build_program, compile_by_calling, compiler, keep_freed_memory,
                     initial_state, shaped_batches)
 from errors import UserError
 from step import member as member_state
@@ -386,6 +386,7 @@ def main(config, members, *, log_root="runs", group=None, device=None, progress=
     if not members:
         return []
     allow_open_files(4 * len(members) + 256)  # each member's TensorBoard writer holds files
+    keep_freed_memory()  # a population's tensors are large: no page faults for each new one
     if is_teaching(config, members[0]):
         from commentaries import population as teaching_population
         return teaching_population.main(config, members, log_root=log_root, group=group,

@@ -261,10 +261,12 @@ def log_histograms(tracker, raw, transforms, step):
 
 
 def final_metrics(trainer):
-    final = {}
+    final, evaluated = {}, {}
     for split, label in (("training", "Training"), (trainer.validation_split, "Validation"),
                          ("test", "Test")):
-        for metric, value in trainer.evaluate(split).items():
+        if split not in evaluated:  # validation is the training split without a validation set
+            evaluated[split] = trainer.evaluate(split)
+        for metric, value in evaluated[split].items():
             final[f"{metric}/{label}"] = value
     names = list(final)
     values = torch.stack([v.to(torch.float64).reshape(()) for v in final.values()]).tolist()

@@ -2,7 +2,8 @@
 
     python bench/speed.py [--device cpu|cuda] [--threads 1] [--repeats 30]
                           [--hyperparameter-steps 10] [--whole-runs 3] [--compile]
-    python bench/speed.py --population 64    # vectorised pure step against one run
+    python bench/speed.py --population 64 [--population-workload uci|fashion]
+                          [--population-algorithms Random ...]  # vectorised pure step against one run
 
 Workloads: UCI energy (MLP 8-50-1, full batch of 614; real data from
 $HYPERGRAD_DATA) and a Fashion-MNIST-shaped one (MLP 784-50-10, batch 50,
@@ -19,6 +20,7 @@ alone. ``--compile`` runs every algorithm with ``compile: true``
 (compilation before the timed loops).
 """
 import argparse
+import importlib.util
 import math
 import sys
 import tempfile
@@ -111,7 +113,8 @@ def step_parts(trainer):
         trainer.step()
     program, state = trainer.step_program, trainer.state
     batches = trainer.samplers.batches(trainer.program, trainer.network_weight_steps)
-    training, validation = batches["training"], batches["validation"]
+    training = [program.rows("training", indices) for indices in batches["training"]]
+    validation = program.rows(program.validation_split, batches["validation"])
     parts = interleaved_microseconds({
         "plain weight step": lambda: program.weight_step_function(state, training[0]),
         "hyperparameter update": lambda: program.hyperparameter_update_function(
@@ -121,41 +124,71 @@ def step_parts(trainer):
     return fast, parts, ((steps - 1) * fast + parts["hyperparameter update"]) / (steps * fast)
 
 
-def population_speed(size, device, repeats=5, hyperparameter_steps=3):
-    """UCI energy: member weight steps per second of one vmapped pure step
-    over ``size`` members (``natural_sgd`` draws) against the single-run
-    pure step, interleaved, best block; no logging, no samplers (full batch)."""
+def bench_module(name):
+    """A script of ``bench/`` (whose names may equal the library's modules)."""
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", Path(__file__).with_name(f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def population_speed(size, device, workload="uci", repeats=5, hyperparameter_steps=3,
+                     algorithms=("Random", "Ours_LR_Momentum")):
+    """Member weight steps per second of one vmapped pure step over ``size``
+    members (``natural_sgd`` draws) against the single-run pure step,
+    interleaved, best block; no logging. ``workload``: UCI energy (full
+    batch) or the Fashion-MNIST shape (batches of 50 drawn by the members'
+    own samplers; synthetic images in torchvision's format, as
+    ``bench/population.py`` writes them when the real files are absent).
+    The allocator is set as ``population.main`` sets it
+    (:func:`engine.keep_freed_memory`), for the single run too."""
     import generators
+    from engine import keep_freed_memory
+    fashion_data_root = bench_module("population").fashion_data_root
     from step import stack, vectorised
+    keep_freed_memory()
     lines = []
-    for algorithm in ("Random", "Ours_LR_Momentum"):
-        members = [{"overrides": {**override, "device": str(device)}, "run_dir": None,
-                    "name": None} for override in generators.generate("natural_sgd", size, 0)]
-        with tempfile.TemporaryDirectory() as log_root:
+    with tempfile.TemporaryDirectory() as scratch:
+        files, common = ["uci_energy.yaml"], {}
+        if workload == "fashion":
+            root, description = fashion_data_root(scratch)
+            files, common = ["fashion_mnist.yaml"], {"data_root": root, "dataset.download": False}
+            lines.append(f"  Fashion-MNIST shape: {description}")
+        for algorithm in algorithms:
+            members = [{"overrides": {**override, **common, "device": str(device)},
+                        "run_dir": None, "name": None}
+                       for override in generators.generate("natural_sgd", size, 0)]
             cfg, program, built, _ = population.build_members(
-                [ROOT / "configs" / "uci_energy.yaml", ROOT / "configs" / f"{algorithm}.yaml"],
-                members, log_root, None, None)
+                [ROOT / "configs" / name for name in files + [f"{algorithm}.yaml"]],
+                members, scratch, None, None)
             for member in built:
                 member.tracker.close()
-        vmapped, single = program.wrapped(vectorised), program
-        states = {"population": stack([m.state for m in built]), "single": built[0].state}
-        steps = cfg["network_weight_steps"]
-        batches = {"training": [None] * steps, "validation": None}
-        runners = {"population": vmapped, "single": single}
+            vmapped, single = program.wrapped(vectorised), program
+            states = {"population": stack([m.state for m in built]), "single": built[0].state}
+            steps = cfg["network_weight_steps"]
+            together_batches = population.batches(built, program, steps)
 
-        def block(name):
-            state = states[name]
-            for _ in range(hyperparameter_steps):
-                state, _ = runners[name].step(state, batches)
-            state["weights"][0].sum().item()
+            def first(indices):
+                return None if indices is None else indices[0]
 
-        best = interleaved_microseconds({name: lambda n=name: block(n) for name in runners},
-                                        count=1, repeats=repeats)
-        per_step = {name: value / (hyperparameter_steps * steps) for name, value in best.items()}
-        together = size / per_step["population"] * 1e6
-        alone = 1 / per_step["single"] * 1e6
-        lines.append(f"  {algorithm:18s} N={size}: {together:8.0f} member weight steps/s "
-                     f"vectorised, {alone:6.0f} for one run alone ({together / alone:.1f}x)")
+            batches = {"population": together_batches,
+                       "single": {"training": [first(i) for i in together_batches["training"]],
+                                  "validation": first(together_batches["validation"])}}
+            runners = {"population": vmapped, "single": single}
+
+            def block(name):
+                state = states[name]
+                for _ in range(hyperparameter_steps):
+                    state, _ = runners[name].step(state, batches[name])
+                state["weights"][0].sum().item()
+
+            best = interleaved_microseconds({name: lambda n=name: block(n) for name in runners},
+                                            count=1, repeats=repeats)
+            per_step = {name: value / (hyperparameter_steps * steps) for name, value in best.items()}
+            together = size / per_step["population"] * 1e6
+            alone = 1 / per_step["single"] * 1e6
+            lines.append(f"  {algorithm:18s} N={size}: {together:8.0f} member weight steps/s "
+                         f"vectorised, {alone:6.0f} for one run alone ({together / alone:.1f}x)")
     return lines
 
 
@@ -172,13 +205,19 @@ def main():
     parser.add_argument("--whole-runs", type=int, default=3,
                         help="whole 4,000-step runs per algorithm (best taken)")
     parser.add_argument("--population", type=int, metavar="N",
-                        help="only: UCI-energy populations of N members against one run")
+                        help="only: populations of N members against one run (pure step)")
+    parser.add_argument("--population-workload", choices=["uci", "fashion"], default="uci",
+                        help="with --population: UCI energy or the Fashion-MNIST shape")
+    parser.add_argument("--population-algorithms", nargs="+",
+                        default=["Random", "Ours_LR_Momentum"], help="with --population")
     arguments = parser.parse_args()
     torch.set_num_threads(arguments.threads)
     device = torch.device(arguments.device)
     if arguments.population:
         print(f"device {device}, {torch.get_num_threads()} thread(s), torch {torch.__version__}")
-        print("\n".join(population_speed(arguments.population, device)))
+        print("\n".join(population_speed(arguments.population, device,
+                                          arguments.population_workload,
+                                          algorithms=arguments.population_algorithms)))
         return
     workloads = {"UCI energy (8-50-1, batch 614)": ("uci_energy.yaml", None),
                  "Fashion-MNIST-shaped (784-50-10, batch 50)":

@@ -294,6 +294,33 @@ def test_differentiable_optimisers_match_torch_optim(optimiser_name, per_weight)
             torch.testing.assert_close(ours, theirs.detach(), rtol=1e-12, atol=1e-13)
 
 
+@pytest.mark.parametrize("per_weight", [False, True], ids=["scalar", "per_weight"])
+def test_sgd_update_is_its_formula_bit_for_bit_and_leaves_its_inputs_alone(per_weight):
+    """The update accumulates in place into tensors it has just made: its
+    inputs stay as they were, and the results are the formula's, to the bit."""
+    generator = torch.Generator().manual_seed(0)
+    shapes = [(5, 4), (5,)]
+
+    def tree():
+        return tuple(torch.randn(s, generator=generator, dtype=torch.float64) for s in shapes)
+
+    weights, grads, buffers = tree(), tree(), tree()
+    hypers = {name: torch.rand((), generator=generator, dtype=torch.float64)
+              for name in ("lr", "momentum", "weight_decay")}
+    if per_weight:
+        hypers["lr"] = tuple(torch.rand(s, generator=generator, dtype=torch.float64)
+                             for s in shapes)
+    given = [t.clone() for t in weights + grads + buffers]
+    new_weights, state = OPTIMISERS.get("SGD")().update(weights, grads,
+                                                        {"momentum_buffer": buffers}, hypers)
+    assert all(torch.equal(a, b) for a, b in zip(weights + grads + buffers, given))
+    for index, (w, g, b) in enumerate(zip(weights, grads, buffers)):
+        lr = hypers["lr"][index] if per_weight else hypers["lr"]
+        buffer = hypers["momentum"] * b + (g + hypers["weight_decay"] * w)
+        assert torch.equal(state["momentum_buffer"][index], buffer)
+        assert torch.equal(new_weights[index], w - lr * buffer)
+
+
 def count_tensors():
     gc.collect()
     with warnings.catch_warnings():  # gc also finds deprecated torch objects

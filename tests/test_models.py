@@ -307,3 +307,27 @@ def test_step_loss_gives_the_functional_gradient_and_owns_the_running_stats():
     assert updated["layers.2.num_batches_tracked"].item() == 1
     assert buffers["layers.2.num_batches_tracked"].item() == 0
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), own))
+
+
+def test_program_calls_a_tied_model_with_the_given_weight_in_both_places():
+    """The step spells out tied weights once (``step.tied_names``) and calls
+    ``functional_call`` without its per-call tie look-up: the decoder must
+    still use the weight given for the embedding, not the module's own."""
+    from step import Program, tied_names
+    import hypergradients
+    from optimisers import OPTIMISERS
+    torch.manual_seed(0)
+    vocabulary = fake_data((5,), 30, task="language_model")
+    model = models.build_model({"class": "LSTMLanguageModel", "embedding_size": 12,
+                                "hidden_size": 12, "dropout": 0.0}, vocabulary).double()
+    assert tied_names(model) == {"embedding.weight": ["decoder.weight"]}
+    program = Program(model=model, loss_function=CROSS_ENTROPY, data=vocabulary,
+                      optimiser=OPTIMISERS.get("SGD")(), method=hypergradients.NoHypergradient(),
+                      outer=None, transforms={}, clipping={}, optimised=[],
+                      network_weight_steps=1)
+    weights = tuple(p.detach() + 0.5 * torch.randn_like(p) for p in model.parameters())
+    tokens = torch.randint(0, 30, (3, 5))
+    expected = functional_call(model, dict(zip(program.names, weights)), (tokens,))
+    assert torch.equal(program.predict(weights, {}, tokens), expected)
+    untied = functional_call(model, dict(zip(program.names, weights)), (tokens,), tie_weights=False)
+    assert not torch.allclose(untied, expected)  # the tie matters for these weights
