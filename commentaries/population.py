@@ -20,7 +20,6 @@ from pathlib import Path
 
 import torch
 
-import checkpoints
 import config as configuration
 import processes
 import validate
