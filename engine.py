@@ -12,6 +12,7 @@ All state needed to continue a run bit for bit (the step's state, samplers,
 counters) is in :meth:`Trainer.state_dict`, as tensors, dicts, lists,
 tuples, numbers and strings only (``torch.load(..., weights_only=True)``).
 """
+import contextlib
 import ctypes
 import functools
 import logging
@@ -334,11 +335,18 @@ def compile_by_calling(program, state, batches):
     """Compile ``program``'s step by calling it once (its result dropped: the
     step is pure); a compiler failure is one line. Returns the seconds."""
     started = time.perf_counter()
-    try:
+    with compiler_failures():
         program.step(state, batches)
+    return time.perf_counter() - started
+
+
+@contextlib.contextmanager
+def compiler_failures():
+    """A ``torch.compile`` failure inside as one line naming ``compile``."""
+    try:
+        yield
     except torch._dynamo.exc.TorchDynamoException as error:
         cause = getattr(error, "inner_exception", None) or error
         first_line = (str(cause).splitlines() or [""])[0][:200]
         raise UserError(f"compile: torch.compile failed ({type(cause).__name__}: "
                         f"{first_line}); use compile: false") from None
-    return time.perf_counter() - started

@@ -254,8 +254,15 @@ def gradient_step(inner_objective, lr):
     return update
 
 
-def _vjp_linearisation(update):
+def _vjp_linearisation(update, weight_products=True):
+    """One ``torch.func.vjp`` of ``update``; without ``weight_products`` (a
+    solver that never multiplies by ``∂u/∂w``) the vjp is taken in ``θ``
+    alone, so its pullback skips the weight cotangent (a Hessian-vector
+    product through the inner gradient) that nothing would use."""
     def linearise(weights, outer):
+        if not weight_products:
+            updated, pullback, aux = vjp(lambda o: update(weights, o), outer, has_aux=True)
+            return updated, None, lambda v: pullback(v)[0], aux
         updated, pullback, aux = vjp(update, weights, outer, has_aux=True)
         return updated, lambda v: pullback(v)[0], lambda v: pullback(v)[1], aux
     return linearise
@@ -286,7 +293,9 @@ def implicit(update, outer_objective, solution, outer, *, solve=linear_solvers.n
     """
     if outer_at not in ("solution", "update"):
         raise ValueError(f"`outer_at` must be 'solution' or 'update', got {outer_at!r}")
-    linearise = linearise or _vjp_linearisation(update)
+    # a one-term Neumann series is x = b: no products with ∂u/∂w
+    one_term = solve is linear_solvers.neumann and iterations == 1
+    linearise = linearise or _vjp_linearisation(update, weight_products=not one_term)
     updated, weight_vjp, outer_vjp, aux = linearise(solution, outer)
     at = updated if outer_at == "update" else solution
     (weight_grad, direct), value = grad_and_value(outer_objective, argnums=(0, 1))(at, outer)

@@ -24,6 +24,8 @@ def check(cfg):
     """Raise a one-line :class:`UserError` for the first bad value in ``cfg``."""
     check_finite(cfg, cfg, "")
     if "teaching" in cfg:
+        if cfg["compile"]:
+            check_teaching_compile(cfg)
         return
     import datasets
     import hypergradients
@@ -44,6 +46,19 @@ def check(cfg):
         check_options(HYPERPARAMETER_OPTIMISERS, cfg, "hyperparameter", injected=("params",))
         check_outer_rates(cfg)
     check_network_weight(cfg)
+
+
+def check_teaching_compile(cfg):
+    """``compile: true`` compiles a teaching method's pure outer step; a
+    method without one is refused (it was silently run eagerly before)."""
+    import commentaries
+    from commentaries.loop import PureTeachingMethod
+
+    name = cfg["teaching"].get("class")
+    method = commentaries.TEACHERS.get(name, cfg.where("teaching.class"))
+    if not issubclass(method, PureTeachingMethod):
+        raise UserError(f"{cfg.where('compile')}: true is not supported for teaching.class: {name} (its "
+                        f"outer step is not a pure function of its state); use compile: false")
 
 
 def check_finite(cfg, value, key):

@@ -15,10 +15,14 @@ gives every method the same machinery as a hyperparameter run:
   and the random states every N outer steps (atomically, with ``train.py``'s
   helpers); the same command with ``--run-dir`` resumes bit for bit (CPU);
 * one results schema, one progress bar, one teacher file format
-  (:mod:`commentaries.storage`).
+  (:mod:`commentaries.storage`);
+* ``compile: true`` (pure methods only): the pure outer step under the
+  same ``torch.compile`` as a hyperparameter run's step
+  (:func:`engine.compiler`), compiled before the timed loop.
 """
 import contextlib
 import dataclasses
+import functools
 import math
 import time
 from pathlib import Path
@@ -28,6 +32,7 @@ from tqdm import tqdm
 
 import checkpoints
 import config
+from engine import compiler, compiler_failures
 from errors import UserError
 from tracking import Tracker
 from train import CHECKPOINT, random_states, restore_random_states
@@ -51,6 +56,7 @@ class Context:
     validation_proportion: float = config.SCHEMA["validation_proportion"][2]
     data_root: str | None = None
     dtype: torch.dtype = torch.float32  # of the data and of every network and teacher tensor
+    compile: bool = False  # torch.compile the pure outer step (PureTeachingMethod only)
     tracker: Tracker | None = None  # set by :func:`run`
 
     @property
@@ -64,7 +70,7 @@ class Context:
                    description=cfg["algorithm"], checkpoint_every=cfg["checkpoint_every"],
                    divergence_penalty=cfg["divergence_penalty"],
                    validation_proportion=cfg["validation_proportion"], data_root=cfg["data_root"],
-                   dtype={"float32": torch.float32, "float64": torch.float64}[cfg["dtype"]])
+                   compile=cfg["compile"], dtype={"float32": torch.float32, "float64": torch.float64}[cfg["dtype"]])
 
 
 class TeachingMethod:
@@ -170,8 +176,10 @@ class PureTeachingMethod(TeachingMethod):
     def pure_outer_step(self, state, inputs):
         raise NotImplementedError
 
-    def outer_step(self, step):
-        state, metrics = self.pure_outer_step(self.outer_state(), self.outer_inputs(step))
+    def outer_step(self, step, pure_step=None):
+        """One outer step by ``pure_step`` (default :meth:`pure_outer_step`;
+        e.g. its compiled version) on this run's state and draws."""
+        state, metrics = (pure_step or self.pure_outer_step)(self.outer_state(), self.outer_inputs(step))
         self.load_outer_state(state)
         return metrics
 
@@ -276,6 +284,7 @@ class Run:
         else:
             method.begin()
         self.status = "finished"
+        self.compile_time = 0.0
         self.bar = tqdm(total=method.steps, initial=self.start, disable=not context.progress,
                         desc=context.description, unit="step", dynamic_ncols=True, leave=False)
         self.started = time.perf_counter()
@@ -283,6 +292,21 @@ class Run:
     @property
     def running(self):
         return self.status == "finished" and self.step < self.method.steps
+
+    def warm_up(self, call):
+        """Compile by calling ``call()`` (one outer step of the compiled pure
+        step on the run's state and draws) with the method's state and
+        generators restored after it, so the run is untouched; outside the
+        timed loop, as ``train.py`` compiles a hyperparameter step."""
+        snapshot = self.method.state_dict()
+        started = time.perf_counter()
+        try:
+            with compiler_failures():
+                call()
+        finally:
+            self.method.load_state_dict(snapshot)
+        self.compile_time = time.perf_counter() - started
+        self.started = time.perf_counter()
 
     def record(self, metrics):
         """After one outer step with ``metrics``: log at intervals, stop on divergence, checkpoint."""
@@ -329,6 +353,7 @@ class Run:
         self.bar.close()
         self.tracker.close()
         results["wall_time_s"] = self.wall_time + time.perf_counter() - self.started
+        results["compile_time_s"] = self.compile_time
         return results
 
 
@@ -348,6 +373,14 @@ def run(method, context):
     """Run ``method`` to the end (or to divergence) and return its results."""
     with default_dtype(context.dtype):
         machinery = Run(method, context)
+        outer_step = method.outer_step
+        if context.compile and not isinstance(method, PureTeachingMethod):
+            raise UserError(f"compile: true is not supported for teaching.class: {method.name} (its outer "
+                            f"step is not a pure function of its state); use compile: false")
+        if context.compile and machinery.running:
+            pure_step = compiler(context.device)(method.pure_outer_step)
+            machinery.warm_up(lambda: pure_step(method.outer_state(), method.outer_inputs(machinery.step)))
+            outer_step = functools.partial(method.outer_step, pure_step=pure_step)
         while machinery.running:
-            machinery.record(method.outer_step(machinery.step))
+            machinery.record(outer_step(machinery.step))
         return machinery.finish()

@@ -15,6 +15,7 @@ methods are refused in one line naming the key.
 """
 import contextlib
 import socket
+import time
 from pathlib import Path
 
 import torch
@@ -22,6 +23,7 @@ import torch
 import config as configuration
 import processes
 import validate
+from engine import compiler, compiler_failures
 from errors import UserError
 from step import member, stack
 from train import (CHECKPOINT, RESULTS, clear_failed_attempt, finished_results,
@@ -109,21 +111,50 @@ def same_data(methods, cfg):
 
 
 def train_together(runs, streams):
-    """Outer steps of runs at the same step, as one vmap of member 0's pure step."""
+    """Outer steps of runs at the same step, as one vmap of member 0's pure
+    step (``compile: true``: compiled, before the members' timed loops)."""
     methods = [run.method for run in runs]
     vectorised = torch.func.vmap(methods[0].pure_outer_step, randomness="error")
-    while any(run.running for run in runs):
-        step = runs[0].step
+    if runs[0].context.compile:
+        vectorised = compiler(runs[0].context.device)(vectorised)
+        warm_up(runs, streams, vectorised)
+
+    def draws(step):
         inputs = []
         for index, method in enumerate(methods):
             with own_stream(streams, index):
                 inputs.append(method.outer_inputs(step))
-        states, metrics = vectorised(stack([method.outer_state() for method in methods]), stack(inputs))
+        return stack(inputs)
+
+    while any(run.running for run in runs):
+        states, metrics = vectorised(stack([method.outer_state() for method in methods]), draws(runs[0].step))
         for index, run in enumerate(runs):
             if run.running:  # a diverged member's slice is computed and ignored
                 run.method.load_outer_state(member(states, index))
                 with own_stream(streams, index):
                     run.record(member(metrics, index))
+
+
+def warm_up(runs, streams, vectorised):
+    """Compile ``vectorised`` by one call on the members' states and draws,
+    every member's state, generators and global stream restored after it;
+    each member records the compile time as its own."""
+    snapshots, saved_streams = [run.method.state_dict() for run in runs], list(streams)
+    started = time.perf_counter()
+    try:
+        inputs = []
+        for index, run in enumerate(runs):
+            with own_stream(streams, index):
+                inputs.append(run.method.outer_inputs(run.step))
+        with compiler_failures():
+            vectorised(stack([run.method.outer_state() for run in runs]), stack(inputs))
+    finally:
+        for run, snapshot in zip(runs, snapshots):
+            run.method.load_state_dict(snapshot)
+        streams[:] = saved_streams
+    elapsed, now = time.perf_counter() - started, time.perf_counter()
+    for run in runs:
+        run.compile_time, run.started = elapsed, now
 
 
 def main(config, members, *, log_root="runs", group=None, device=None, progress=True):

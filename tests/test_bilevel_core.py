@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch.func import vmap
 
+import hypergradients
 import linear_solvers
 from hypergradients import gradient_step, implicit, unrolled
 
@@ -96,6 +97,25 @@ def test_implicit_closed_form_linearisation_equals_the_vjp_route():
                       linearise=linearise, **common)
     torch.testing.assert_close(closed.gradient["theta"], by_vjp.gradient["theta"],
                                rtol=1e-12, atol=1e-12)
+
+
+def test_one_term_neumann_pulls_back_to_theta_alone_with_the_same_numbers():
+    """``iterations=1`` (x = b, the teaching methods' greedy setting) takes
+    the vjp in θ alone; it equals the vjp in (w, θ) bit for bit, and the
+    exact one-term value ``θ + lr B (w* - c)``."""
+    inner, outer_objective, solution, _, theta, lr = quadratic_problem(seed=3)
+    update = gradient_step(inner, lr)
+    B = -torch.func.jacrev(lambda t: torch.func.grad(
+        lambda w: inner({"w": w}, {"theta": t}))(solution(theta)["w"]))(theta).T
+    common = dict(solve=linear_solvers.neumann, iterations=1)
+    alone = implicit(update, outer_objective, solution(theta), {"theta": theta}, **common)
+    both = implicit(None, outer_objective, solution(theta), {"theta": theta},
+                    linearise=hypergradients._vjp_linearisation(update), **common)
+    assert torch.equal(alone.gradient["theta"], both.gradient["theta"])
+    assert torch.equal(alone.inner["w"], both.inner["w"]) and torch.equal(alone.value, both.value)
+    b = torch.func.grad(outer_objective)(solution(theta), {"theta": theta})["w"]  # w* - c
+    torch.testing.assert_close(alone.gradient["theta"], theta + lr * B @ b, rtol=1e-12, atol=1e-12)
+
 
 
 def sgd_problem(seed=0, n=5, m=3, rows=12):
