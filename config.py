@@ -136,6 +136,19 @@ class Location(str):
         return Location(self.config, f"{self.dotted_key}.{key}")
 
 
+def differing_key(reference, other, prefix=""):
+    """The first dotted key whose value differs between two mappings."""
+    for key in sorted(set(reference) | set(other), key=str):
+        a, b = reference.get(key), other.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            found = differing_key(a, b, f"{prefix}{key}.")
+            if found:
+                return found
+        elif a != b:
+            return f"{prefix}{key}"
+    return None
+
+
 def locate(config, message):
     """Prefix the source of the key a message starts with (``teaching.steps: ...``
     -> ``my.yaml: teaching.steps: ...``), for checks deep inside that only

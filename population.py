@@ -127,19 +127,6 @@ def strip_varying(cfg, optimiser_names):
     return stripped
 
 
-def differing_key(reference, other, prefix=""):
-    """The first dotted key whose value differs between two mappings."""
-    for key in sorted(set(reference) | set(other), key=str):
-        a, b = reference.get(key), other.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            found = differing_key(a, b, f"{prefix}{key}.")
-            if found:
-                return found
-        elif a != b:
-            return f"{prefix}{key}"
-    return None
-
-
 # ------------------------------------------------------------------ members
 
 def build_members(config, members, log_root, group, device):
@@ -161,7 +148,7 @@ def build_members(config, members, log_root, group, device):
     reference = strip_varying(first, names)
     built = []
     for index, (cfg, entry) in enumerate(zip(cfgs, members)):
-        key = differing_key(reference, strip_varying(cfg, names))
+        key = configuration.differing_key(reference, strip_varying(cfg, names))
         if key:
             raise UserError(f"{cfg.where(key)}: population members may differ only in "
                             f"{', '.join(sorted(names))} (network_weight) and seed")

@@ -50,19 +50,6 @@ def refusal(cfg):
     return None if reason is None else configuration.locate(cfg, reason)
 
 
-def differing_key(reference, other, prefix=""):
-    """The first dotted key whose value differs between two mappings."""
-    for key in sorted(set(reference) | set(other), key=str):
-        a, b = reference.get(key), other.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            found = differing_key(a, b, f"{prefix}{key}.")
-            if found:
-                return found
-        elif a != b:
-            return f"{prefix}{key}"
-    return None
-
-
 def configurations(config, members, device):
     """Each member's resolved, checked configuration; members may differ in seed alone."""
     cfgs = []
@@ -78,7 +65,7 @@ def configurations(config, members, device):
         raise UserError(reason)
     reference = {key: value for key, value in cfgs[0].items() if key not in VARYING}
     for cfg in cfgs[1:]:
-        key = differing_key(reference, {key: value for key, value in cfg.items() if key not in VARYING})
+        key = configuration.differing_key(reference, {key: value for key, value in cfg.items() if key not in VARYING})
         if key:
             raise UserError(f"{cfg.where(key)}: members of a teaching population may differ only in "
                             f"{', '.join(VARYING)}")
