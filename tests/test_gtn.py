@@ -215,3 +215,27 @@ def test_saved_teacher_reloads_bit_for_bit_and_generates_the_same_images(tmp_pat
 def test_memory_bounded_mode_trains(tmp_path):
     results = run_gtn(tmp_path, outer_steps=3, truncation=2, **{**SMALL, "log_interval": 3})
     assert results["status"] == "finished" and results["hyperparameters"]["lr"] != SMALL["inner_lr"]
+
+
+def test_a_gtn_teacher_trains_a_fresh_student_through_train_with_commentary(tmp_path):
+    """The teacher file a GTN run exports is the one format ``TrainWithCommentary``
+    loads: a fresh student of another architecture trains on the generated
+    batches (not on real ones: the real-data baseline's teacher, same seed,
+    gives another student)."""
+    import train
+    students = {}
+    for algorithm in ("GTN_Curriculum", "GTN_RealDataBaseline"):
+        learned = train.main([ROOT / "configs" / "digits_teaching.yaml",
+                              ROOT / "configs" / f"{algorithm}.yaml"],
+                             TINY, log_root=tmp_path / algorithm, progress=False)
+        teacher = pathlib.Path(learned["run_dir"]) / "teacher.pt"
+        students[algorithm] = train.main(
+            [ROOT / "configs" / "Commentary_TrainWithCommentary.yaml"],
+            {"teaching.commentary": str(teacher), "teaching.steps": 6, "teaching.log_interval": 3,
+             "teaching.student": {"class": "MLP", "hidden": [16]}, "device": "cpu"},
+            log_root=tmp_path / algorithm, progress=False)
+    generated = students["GTN_Curriculum"]
+    assert generated["status"] == "finished" and generated["dataset"] == "Digits"
+    assert generated["teaching"]["teacher"]["learned_by"]["algorithm"] == "unrolled (GTN)"
+    assert 0 < generated["final"]["Accuracy/Test"] <= 1
+    assert generated["final"]["Loss/Test"] != students["GTN_RealDataBaseline"]["final"]["Loss/Test"]
