@@ -162,7 +162,14 @@ def initial_state(program, config, weights, buffers, initial, device, dtype):
 
 
 def compiler(device, where="compile"):
-    """``torch.compile`` as ``compile: true`` applies it to the step's pieces."""
+    """``torch.compile`` as ``compile: true`` applies it to the step's pieces,
+    for a new program: what dynamo compiled for earlier programs in this
+    process is dropped first. A fan-out worker trains population after
+    population (or run after run); each new program's pieces are new guard
+    variants of the same code objects, and past ``recompile_limit`` (8)
+    dynamo would silently run the later ones eagerly (measured: the last two
+    algorithms of a 7-algorithm campaign). Inductor's on-disk cache stays."""
+    torch._dynamo.reset()
     # inductor looks for a CUDA toolkit even on CPU and warns when it finds none
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     # cpp_wrapper: kernels called from generated C++ rather than Python, which

@@ -102,3 +102,16 @@ def test_compiled_run_resumes_bitwise_and_reports_compile_time(tmp_path, monkeyp
 def test_compile_refuses_models_with_buffers(digits_trainer):
     with pytest.raises(UserError, match="compile: true is not supported for models with buffers"):
         digits_trainer("Ours_LR_Momentum", compile=True, **{"model.batch_norm": True})
+
+
+def test_each_new_program_in_a_process_is_compiled_not_run_eagerly(digits_trainer):
+    """A fan-out worker compiles program after program. Each is compiled
+    afresh: past dynamo's recompile limit (2 here, 8 by default) the later
+    ones would otherwise run eagerly without a word."""
+    from torch._dynamo.utils import counters
+    with torch._dynamo.config.patch(recompile_limit=2):
+        for lr in (1e-3, 2e-3, 3e-3):
+            before = counters["stats"]["unique_graphs"]
+            trainer = run_steps(seeded(digits_trainer, "Random", compile=True,
+                                       **{"network_weight.lr": lr}), 1)
+            assert trainer.compiled and counters["stats"]["unique_graphs"] > before, lr
