@@ -28,10 +28,10 @@ import config as configuration  # noqa: E402
 import train  # noqa: E402
 from commentaries.loop import Context, default_dtype  # noqa: E402
 from engine import compiler  # noqa: E402
+from teaching_population import config_files  # noqa: E402  (bench/)
 from step import stack  # noqa: E402
 from trees import tree_leaves  # noqa: E402
 
-DATA = {"GTN": "digits_teaching", "Commentary_ExampleWeighting": "rotated_digits_overlapping"}
 
 
 def build(sources, settings, seed, device):
@@ -62,8 +62,7 @@ def main(argv=None):
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE")
     arguments = parser.parse_args(argv)
-    data = next(name for prefix, name in DATA.items() if arguments.algorithm.startswith(prefix))
-    sources = [str(ROOT / "configs" / f"{data}.yaml"), str(ROOT / "configs" / f"{arguments.algorithm}.yaml")]
+    sources = config_files(arguments.algorithm)
     settings = arguments.set + [f"device={arguments.device}"]
     device = torch.device(arguments.device)
     seeds = range(max(arguments.members, 1))

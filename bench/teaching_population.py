@@ -20,6 +20,12 @@ import train  # noqa: E402
 DATA = {"GTN": "digits_teaching", "Commentary_ExampleWeighting": "rotated_digits_overlapping"}
 
 
+def config_files(algorithm):
+    """The data and algorithm files a pure teaching method's bench runs."""
+    data = next(name for prefix, name in DATA.items() if algorithm.startswith(prefix))
+    return [str(ROOT / "configs" / f"{data}.yaml"), str(ROOT / "configs" / f"{algorithm}.yaml")]
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("algorithm", help="a configs/<algorithm>.yaml of a pure teaching method")
@@ -27,8 +33,7 @@ def main(argv=None):
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE")
     arguments = parser.parse_args(argv)
-    data = next(name for prefix, name in DATA.items() if arguments.algorithm.startswith(prefix))
-    sources = [str(ROOT / "configs" / f"{data}.yaml"), str(ROOT / "configs" / f"{arguments.algorithm}.yaml")]
+    sources = config_files(arguments.algorithm)
     settings = arguments.set + [f"device={arguments.device}"]
     seeds = range(arguments.members)
     with tempfile.TemporaryDirectory() as directory:
