@@ -3,6 +3,7 @@
     python bench/population.py [--sizes 1 8 64 256 1024] [--max-size 64]
         [--hyperparameter-steps 20] [--algorithms Random Ours_LR_Momentum DiffThroughOpt]
         [--baseline-hyperparameter-steps 400] [--workloads uci fashion] [--threads 1] [--processes 2]
+        [--modes eager compiled]
         [--campaign [--campaign-repetitions 200] [--campaign-population-size 100]
                     [--campaign-sample 4] [--workers 2]]
 
@@ -20,7 +21,11 @@ training and logging; after one warm-up call), and ``population.main``
 for populations of N members, each with its own ``natural_sgd``
 initialisation and seed (the draws ``parallel_exec.py`` makes). Throughput is
 member weight steps per second of the whole call; ``loop`` is the training
-loop alone (each result's ``wall_time_s``). ``--campaign`` times a whole
+loop alone (each result's ``wall_time_s``). ``--modes eager compiled`` also
+trains each population with ``compile: true`` (the same pure step under
+``torch.compile``; the whole call includes the compilation, also printed on
+its own), against the same baselines: the configurations as they are
+(eager), as ``parallel_exec.py`` ran each run before. ``--campaign`` times a whole
 UCI-energy campaign (200 inits x 7 algorithms x 4,000 weight steps) through
 ``parallel_exec.py`` with ``--population-size``, against the per-run fan-out
 estimated from ``--campaign-sample`` repetitions per algorithm (measured,
@@ -140,8 +145,9 @@ def population_call(config, members_overrides, scratch):
     seconds = time.perf_counter() - started
     shutil.rmtree(folder, ignore_errors=True)
     loop = max(result.get("wall_time_s", seconds) for result in results)
+    compile_seconds = max(result.get("compile_time_s", 0.0) for result in results)
     diverged = sum(result["status"] != "finished" for result in results)
-    return seconds, loop, sum(weight_steps(result) for result in results), diverged
+    return seconds, loop, compile_seconds, sum(weight_steps(result) for result in results), diverged
 
 
 def bench_workload(label, files, common, description, arguments, scratch):
@@ -151,7 +157,7 @@ def bench_workload(label, files, common, description, arguments, scratch):
     overrides = member_overrides(max(sizes + [arguments.processes]), {
         "hyperparameter_steps": steps, "device": "cpu", "log_interval": 100, **common})
     baseline = [{**member, "hyperparameter_steps": baseline_steps or steps} for member in overrides]
-    rates = {}
+    rates, compile_times = {}, {}
     for algorithm in arguments.algorithms:
         config = stack(files, algorithm)
         row = {}
@@ -166,13 +172,18 @@ def bench_workload(label, files, common, description, arguments, scratch):
         if reason:
             print(f"  {algorithm}: population path unavailable: {reason}")
         else:
-            for n in sizes:
-                seconds, loop, member_steps, diverged = population_call(config, overrides[:n], scratch)
-                row[f"N={n}"] = member_steps / seconds
-                row[f"N={n} loop"] = member_steps / loop
+            for n, mode in [(n, mode) for n in sizes for mode in arguments.modes]:
+                label = f"N={n}" + (" compiled" if mode == "compiled" else "")
+                members = [{**member, "compile": mode == "compiled"} for member in overrides[:n]]
+                seconds, loop, compile_seconds, member_steps, diverged = population_call(
+                    config, members, scratch)
+                row[label] = member_steps / seconds
+                row[f"{label} loop"] = member_steps / loop
+                if mode == "compiled":
+                    compile_times[f"{algorithm} {label}"] = compile_seconds
                 if diverged:
-                    print(f"  {algorithm} N={n}: {diverged} member(s) diverged (frozen; counted with "
-                          f"the steps they did)")
+                    print(f"  {algorithm} {label}: {diverged} member(s) diverged (frozen; counted "
+                          f"with the steps they did)")
         rates[algorithm] = row
         print(f"  {algorithm:20s} " + "  ".join(f"{key} {value:,.0f}" for key, value in row.items()),
               flush=True)
@@ -180,15 +191,21 @@ def bench_workload(label, files, common, description, arguments, scratch):
           f"loop alone. Populations: {steps} hyperparameter steps per member; separate processes and "
           f"in-process runs: {baseline_steps or steps}; {arguments.threads} thread(s) per process; "
           f"ratios below from whole calls)")
+    if compile_times:
+        print("  'compiled': populations with compile: true (baselines as configured); seconds "
+              "compiling, included in the whole call: " + ", ".join(
+                  f"{key} {value:.1f}" for key, value in compile_times.items()))
+    labels = [f"N={n}" + (" compiled" if mode == "compiled" else "")
+              for n in sizes for mode in arguments.modes]
     for algorithm, row in rates.items():
-        for n in sizes:
-            if f"N={n}" in row:
-                print(f"  {algorithm} N={n}: {row[f'N={n}'] / row['separate processes']:.1f}x separate "
-                      f"processes, {row[f'N={n}'] / row['in-process runs']:.1f}x in-process runs "
+        for label in labels:
+            if label in row:
+                print(f"  {algorithm} {label}: {row[label] / row['separate processes']:.1f}x separate "
+                      f"processes, {row[label] / row['in-process runs']:.1f}x in-process runs "
                       f"(targets at N=64: 10x and 3x)")
     if {"Random", "Ours_LR_Momentum"} <= set(rates):
-        ratios = [f"N={n} {rates['Random'][f'N={n}'] / rates['Ours_LR_Momentum'][f'N={n}']:.2f}x"
-                  for n in sizes if f"N={n}" in rates["Ours_LR_Momentum"]]
+        ratios = [f"{label} {rates['Random'][label] / rates['Ours_LR_Momentum'][label]:.2f}x"
+                  for label in labels if label in rates["Ours_LR_Momentum"]]
         if ratios:
             print("  Ours_LR_Momentum / Random time ratio inside a population: " + ", ".join(ratios))
 
@@ -249,6 +266,9 @@ def main():
     parser.add_argument("--workloads", nargs="*", default=["uci", "fashion"], choices=["uci", "fashion"],
                         help="none given: only --campaign")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (every path alike)")
+    parser.add_argument("--modes", nargs="+", default=["eager"], choices=["eager", "compiled"],
+                        help="populations as configured (eager) and/or with compile: true; "
+                             "separate and in-process runs stay as configured")
     parser.add_argument("--processes", type=int, default=2,
                         help="separate processes and in-process runs timed per algorithm")
     parser.add_argument("--campaign", action="store_true", help="also time a whole campaign (long)")
