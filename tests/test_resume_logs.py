@@ -63,7 +63,7 @@ def assert_same_logs(resumed_dir, whole_dir, rel=0.0):
 def test_sigkilled_run_resumes_its_logs_without_losing_or_repeating_a_step(tmp_path, checkpoint_every):
     """A real kill -9 soon after a checkpoint, then the same run again on its
     directory (in this process, to spare a second start-up)."""
-    settings = {**SETTINGS, "hyperparameter_steps": 400, "checkpoint_every": checkpoint_every}
+    settings = {**SETTINGS, "hyperparameter_steps": 150, "checkpoint_every": checkpoint_every}
     whole = train.main(SOURCES, settings, run_dir=tmp_path / "whole", progress=False)
     command = [sys.executable, str(ROOT / "train.py"), "-c", *map(str, SOURCES), "-q",
                "--run-dir", str(tmp_path / "killed"), "--set",
@@ -82,6 +82,15 @@ def test_sigkilled_run_resumes_its_logs_without_losing_or_repeating_a_step(tmp_p
     resumed = train.main(SOURCES, settings, run_dir=tmp_path / "killed", progress=False)
     assert resumed["final"] == whole["final"]
     assert_same_logs(tmp_path / "killed", tmp_path / "whole")
+
+
+def next_second():
+    """Wait for the clock's next second: a resumed run's event file must sort
+    after the interrupted one's (TensorBoard reads a directory's files in
+    name order, ``events.out.tfevents.<seconds>.<host>.<pid>.<counter>``,
+    and in this one process only the counter, compared as text, would
+    differ), else the interrupted run's events come after the purge."""
+    time.sleep(1.01 - time.time() % 1)
 
 
 def preempt_after(condition):
@@ -115,16 +124,20 @@ def test_preempted_run_resumes_its_logs_without_losing_or_repeating_a_step(tmp_p
         requester.join(10)
         processes.preemption.reset()
     assert (run_dir / train.CHECKPOINT).is_file() and not (run_dir / train.RESULTS).exists()
+    next_second()
     train.main(SOURCES, settings, run_dir=run_dir, progress=False)
     assert_same_logs(run_dir, tmp_path / "whole")
 
 
-@pytest.mark.parametrize("killed_at", [4, 6], ids=["checkpoint_between_log_steps",
-                                                   "checkpoint_on_a_log_step"])
+@pytest.mark.parametrize("killed_at", [3, 6, 5], ids=["checkpoint_between_log_steps",
+                                                      "checkpoint_on_a_log_step",
+                                                      "logged_past_the_checkpoint"])
 def test_killed_population_resumes_each_members_logs_exactly(tmp_path, monkeypatch, killed_at):
     """Members checkpoint at hyperparameter step 3 (weight step 6, between log
-    steps) and 6 (weight step 12, a log step); the population dies at a later
-    step, then one member resumes alone and the other as a population."""
+    steps: its hypergradients not yet written) and 6 (weight step 12, a log
+    step); the population dies in the step after one of them, or after
+    logging at weight step 8 (to be purged), then one member resumes alone
+    and the other as a population."""
     settings = {**SETTINGS, "hyperparameter_steps": 10}
     population.main(SOURCES, members_of(2, 1, settings, tmp_path / "whole"), progress=False)
     calls = {"count": 0}
@@ -132,7 +145,7 @@ def test_killed_population_resumes_each_members_logs_exactly(tmp_path, monkeypat
 
     def step_then_die(self, state, batches):
         calls["count"] += 1
-        if calls["count"] == killed_at + 1:  # the first step after the checkpoint
+        if calls["count"] == killed_at + 1:
             raise KeyboardInterrupt("killed")
         return original(self, state, batches)
 
@@ -142,6 +155,7 @@ def test_killed_population_resumes_each_members_logs_exactly(tmp_path, monkeypat
         population.main(SOURCES, killed, progress=False)
     monkeypatch.setattr(Program, "step", original)
     assert all((Path(m["run_dir"]) / train.CHECKPOINT).is_file() for m in killed)
+    next_second()
     train.main(SOURCES, killed[0]["overrides"], run_dir=killed[0]["run_dir"], progress=False)
     population.main(SOURCES, killed[1:], progress=False)
     for k, rel in enumerate([1e-6, 0.0]):  # float32 logs: the member alone differs by an ulp
@@ -160,6 +174,7 @@ def test_preempted_population_resumes_each_members_logs_exactly(tmp_path):
     finally:
         requester.join(10)
         processes.preemption.reset()
+    next_second()
     population.main(SOURCES, preempted, progress=False)
     for k in range(2):
         assert_same_logs(tmp_path / "preempted" / f"member_{k}", tmp_path / "whole" / f"member_{k}")
