@@ -58,6 +58,15 @@ def assert_same_logs(resumed_dir, whole_dir, rel=0.0):
         assert values == pytest.approx(expected, rel=rel, abs=0.0), tag
 
 
+def next_second():
+    """Wait for the clock's next second: a resumed run's event file must sort
+    after the interrupted one's (TensorBoard reads a directory's files in
+    name order, ``events.out.tfevents.<seconds>.<host>.<pid>.<counter>``,
+    in one second by pid and counter compared as text), else the
+    interrupted run's events are read after the purge that hides them."""
+    time.sleep(1.01 - time.time() % 1)
+
+
 @pytest.mark.parametrize("checkpoint_every", [2, 3], ids=["checkpoints_on_log_steps",
                                                           "first_checkpoint_between_log_steps"])
 def test_sigkilled_run_resumes_its_logs_without_losing_or_repeating_a_step(tmp_path, checkpoint_every):
@@ -79,18 +88,10 @@ def test_sigkilled_run_resumes_its_logs_without_losing_or_repeating_a_step(tmp_p
     assert not (tmp_path / "killed" / train.RESULTS).exists(), "killed too late to test resume"
     step = checkpoints.read(checkpoint, "checkpoint")["trainer"]["state"]["weight_step"]
     assert int(step) > 0
+    next_second()
     resumed = train.main(SOURCES, settings, run_dir=tmp_path / "killed", progress=False)
     assert resumed["final"] == whole["final"]
     assert_same_logs(tmp_path / "killed", tmp_path / "whole")
-
-
-def next_second():
-    """Wait for the clock's next second: a resumed run's event file must sort
-    after the interrupted one's (TensorBoard reads a directory's files in
-    name order, ``events.out.tfevents.<seconds>.<host>.<pid>.<counter>``,
-    and in this one process only the counter, compared as text, would
-    differ), else the interrupted run's events come after the purge."""
-    time.sleep(1.01 - time.time() % 1)
 
 
 def preempt_after(condition):
