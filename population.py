@@ -226,6 +226,12 @@ def run(cfg, program, members, device, progress):
     started = time.perf_counter()
     elapsed = lambda: time.perf_counter() - started  # noqa: E731
     pending = []  # (tag, tensor over members, weight step), written at the interval's end
+
+    def save():  # as train.run_loop's: the members' logs up to this step first, then their states
+        write_scalars(pending, members, live)
+        pending.clear()
+        save_members(members, live, state, elapsed())
+
     while schedule.running and live:
         new_state, metrics = stepper.step(state, batches(members, program,
                                                          cfg["network_weight_steps"]))
@@ -234,13 +240,11 @@ def run(cfg, program, members, device, progress):
         pending.extend(train.hypergradient_scalars(metrics["hypergradients"],
                                                    schedule.weight_step))
         bar.update(1)
-        train.stop_if_preempted(device, lambda: save_members(members, live, state, elapsed()),
-                                schedule.hyperparameter_step)
         if schedule.logs:
             pending.extend((tag, value, schedule.weight_step) for tag, value in
                            interval_scalars(cfg, program, evaluators, state, members).items())
             losses = flush(pending, members, live, program, state, schedule.weight_step)
-            pending = []
+            pending.clear()
             for index in [index for index in live if not math.isfinite(losses[index])]:
                 live.remove(index)  # frozen from here on; the others go on
                 alive[index] = False
@@ -248,7 +252,9 @@ def run(cfg, program, members, device, progress):
                                                compile_time, count)
         if schedule.checkpoints:
             train.synchronise(device)
-            save_members(members, live, state, elapsed())
+            save()
+        if live:  # after this step's logs
+            train.stop_if_preempted(device, save, schedule.hyperparameter_step)
     train.synchronise(device)
     bar.close()
     for index in live:
@@ -303,21 +309,30 @@ def interval_scalars(cfg, program, evaluators, state, members):
 
 
 def flush(pending, members, live, program, state, step):
-    """Write the buffered values of the live members to their own
-    TensorBoard logs with one host transfer; returns each member's latest
-    training loss (NaN for members no longer live)."""
+    """Write the buffered values of the live members, and their histograms,
+    to their own TensorBoard logs; returns each member's latest training
+    loss (NaN for members no longer live)."""
+    for index in live:
+        train.log_histograms(members[index].tracker, member_state(state["hyperparameters"], index),
+                             program.transforms, step)
+    values = write_scalars(pending, members, live)
+    training = next(row for (tag, _, _), row in zip(reversed(pending), reversed(values))
+                    if tag == "Loss/Training")
+    return [training[index] if index in live else math.nan for index in range(len(members))]
+
+
+def write_scalars(pending, members, live):
+    """Write the buffered ``(tag, tensor over members, step)`` of the live
+    members (and what their trackers hold) to their own TensorBoard logs
+    with one host transfer; returns the values, one row per entry."""
     values = torch.stack([value.to(torch.float64).reshape(len(members))
-                          for _, value, _ in pending]).cpu().tolist()
+                          for _, value, _ in pending]).cpu().tolist() if pending else []
     for index in live:
         member = members[index]
         for (tag, _, at), row in zip(pending, values):
             member.tracker.scalar(tag, row[index], at)
-        train.log_histograms(member.tracker, member_state(state["hyperparameters"], index),
-                             program.transforms, step)
         member.tracker.flush()
-    training = next(row for (tag, _, _), row in zip(reversed(pending), reversed(values))
-                    if tag == "Loss/Training")
-    return [training[index] if index in live else math.nan for index in range(len(members))]
+    return values
 
 
 def save_members(members, live, state, elapsed):

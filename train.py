@@ -317,7 +317,11 @@ def run_loop(trainer, cfg, tracker, checkpoint_path, progress, wall_time):
     synchronise(device)
     started = time.perf_counter()
     elapsed = lambda: wall_time + time.perf_counter() - started  # noqa: E731
-    save = lambda: save_state(checkpoint_path, trainer, cfg, elapsed())  # noqa: E731
+
+    def save():  # what is logged up to this step is on disk before the state that resumes after it
+        tracker.flush()
+        save_state(checkpoint_path, trainer, cfg, elapsed())
+
     status = "finished"
     while schedule.running:
         trainer.step()
@@ -326,7 +330,6 @@ def run_loop(trainer, cfg, tracker, checkpoint_path, progress, wall_time):
                                                       schedule.weight_step):
             tracker.scalar(tag, value, step)
         bar.update(1)
-        stop_if_preempted(device, save, schedule.hyperparameter_step)
         if schedule.logs:
             log_metrics(tracker, trainer, cfg, schedule.weight_step)
             latest = tracker.flush()
@@ -339,6 +342,7 @@ def run_loop(trainer, cfg, tracker, checkpoint_path, progress, wall_time):
         if schedule.checkpoints:
             synchronise(device)
             save()
+        stop_if_preempted(device, save, schedule.hyperparameter_step)  # after this step's logs
     synchronise(device)
     bar.close()
     return status, elapsed()
@@ -376,10 +380,15 @@ def finish(trainer, cfg, tracker, status_and_time, run_dir, save):
 
 
 def open_tracker(run_dir, cfg, resumed_at=None):
-    """A run's TensorBoard logs: a resumed run's (``resumed_at``: the weight
-    step of its checkpoint) are cut back to that step; a fresh run is
-    entered in the HParams view."""
-    tracker = Tracker(run_dir, purge_step=resumed_at)
+    """A run's TensorBoard logs; a fresh run is entered in the HParams view.
+
+    A resumed run's (``resumed_at``: the weight step s of its checkpoint)
+    keep what was logged up to s and lose what came after: a checkpoint is
+    written after everything logged at its step s is on disk (see
+    :func:`run_loop`), and the resumed run logs from step s + 1 on, so the
+    purge starts there (TensorBoard hides the events at steps >= purge_step
+    written before it). A purge at s would hide step s's logs for good."""
+    tracker = Tracker(run_dir, purge_step=None if resumed_at is None else resumed_at + 1)
     if resumed_at is None:
         tracker.hparams(hparam_summary(cfg), ["Loss/Test", "Loss/Validation", "Loss/Training"])
     return tracker

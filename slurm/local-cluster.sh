@@ -3,7 +3,8 @@
 #
 #   slurm/local-cluster.sh start    install (if missing), configure, start, wait until idle
 #   slurm/local-cluster.sh stop     stop every daemon by the PID in its pid file
-#   slurm/local-cluster.sh status   exit 0 and print `sinfo` when the node answers
+#   slurm/local-cluster.sh status   exit 0 and print `sinfo` when the node and accounting
+#                                   answer; else one line saying what is down, exit 1
 #
 # Why it looks like this (found by doing it on Debian bookworm, SLURM 22.05.8,
 # as root): no systemd and no cgroups, so proctrack/linuxproc + task/none +
@@ -212,12 +213,49 @@ stop() {
   stop_pidfile munged /run/munge/munged.pid
 }
 
+accounting_problem() {  # why accounting (sacct -> slurmdbd -> MariaDB) does not answer; nothing if it does
+  local output first
+  output=$(timeout 20 sacct -n -X -S now -o JobID 2>&1) && ! grep -qiE 'error|unable' <<<"$output" && return 0
+  first=$(grep -m1 -iE 'error|unable' <<<"$output" || true)
+  first=${first#sacct: }
+  echo "accounting does not answer (sacct: ${first:-${output:-no answer in 20 s}})"
+}
+
+daemon_dead() {  # daemon_dead PIDFILE...: the first pid file there is names no live process
+  local file
+  for file in "$@"; do
+    [ -e "$file" ] || continue
+    ! pid_alive "$file"
+    return
+  done
+  return 1  # no pid file: not a daemon this script started
+}
+
 status() {
-  if command -v sinfo >/dev/null 2>&1 && node_idle; then
+  local fix="fix: bash $0 stop; bash $0 start" problems=() dead=() accounting
+  if ! command -v sinfo >/dev/null 2>&1; then
+    log "down: SLURM is not installed; fix: bash $0 start"
+    return 1
+  fi
+  if command -v munge >/dev/null 2>&1; then
+    munge -n 2>/dev/null | unmunge >/dev/null 2>&1 || problems+=("munge does not answer")
+  fi
+  node_idle 2>/dev/null || problems+=("no idle node (sinfo)")
+  accounting=$(accounting_problem)
+  [ -z "$accounting" ] || problems+=("$accounting")
+  daemon_dead "$STATE/mysql/mariadb.pid" /run/mysqld/mysqld.pid && dead+=(MariaDB)
+  daemon_dead "$STATE/run/slurmdbd.pid" && dead+=(slurmdbd)
+  daemon_dead "$STATE/run/slurmctld.pid" && dead+=(slurmctld)
+  daemon_dead "$STATE/run/slurmd.pid" && dead+=(slurmd)
+  [ ${#dead[@]} -eq 0 ] || problems+=("not running: ${dead[*]}")
+  if [ ${#problems[@]} -eq 0 ]; then
     sinfo
+    log "up: node idle, accounting answers"
     return 0
   fi
-  log "not running"
+  local joined
+  joined=$(printf '%s, ' "${problems[@]}")
+  log "down: ${joined%, }; $fix"
   return 1
 }
 

@@ -83,6 +83,50 @@ def test_unreachable_slurm_is_one_line_exit_2(tmp_path):
     assert answer.stderr.count("\n") == 1
 
 
+ACCOUNTING_DOWN = "sacct: error: Problem talking to the database: Unable to connect to database"
+CLUSTER_STATES = {  # what sacct answers, which of the script's daemons are dead
+    "healthy": ("exit 0", []),
+    "database_down": (f"echo '{ACCOUNTING_DOWN}' >&2; exit 1", ["mysql/mariadb.pid"]),
+    "slurmdbd_dead": ("echo 'sacct: error: slurm_persist_conn_open_without_init: failed to open "
+                      "persistent connection to host:127.0.0.1:6819: Connection refused' >&2; exit 1",
+                      ["run/slurmdbd.pid"]),
+}
+
+
+@pytest.mark.parametrize("state", sorted(CLUSTER_STATES))
+def test_cluster_status_checks_accounting_too(tmp_path, state):
+    """``local-cluster.sh status`` on stand-ins for the SLURM commands (first on
+    PATH) and a state directory of pid files (live: this process; dead: a
+    finished one): the real daemons are not touched. The node answering is
+    not enough: a dead accounting database (submitit's job tracking) is down."""
+    sacct, dead = CLUSTER_STATES[state]
+    commands = {"sinfo": "echo idle", "munge": "echo credential", "unmunge": "cat >/dev/null",
+                "sacct": sacct}
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, body in commands.items():
+        (bin_dir / name).write_text(f"#!/bin/sh\n{body}\n")
+        (bin_dir / name).chmod(0o755)
+    finished = subprocess.Popen(["true"])
+    finished.wait()
+    for pid_file in ("mysql/mariadb.pid", "run/slurmdbd.pid", "run/slurmctld.pid", "run/slurmd.pid"):
+        (tmp_path / "state" / pid_file).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "state" / pid_file).write_text(f"{finished.pid if pid_file in dead else os.getpid()}\n")
+    environment = {**os.environ, "PATH": f"{bin_dir}:/usr/bin:/bin",
+                   "HYPERGRAD_SLURM_STATE": str(tmp_path / "state")}
+    answer = subprocess.run(["bash", "slurm/local-cluster.sh", "status"], capture_output=True, text=True,
+                            env=environment, cwd=REPOSITORY, timeout=60)
+    if state == "healthy":
+        assert answer.returncode == 0 and answer.stdout == "idle\n"
+        assert answer.stderr == "local-cluster: up: node idle, accounting answers\n"
+        return
+    assert answer.returncode == 1 and answer.stdout == ""
+    assert answer.stderr.count("\n") == 1, answer.stderr
+    assert answer.stderr.startswith("local-cluster: down: accounting does not answer (sacct: error: ")
+    assert f"not running: {'MariaDB' if state == 'database_down' else 'slurmdbd'};" in answer.stderr
+    assert answer.stderr.endswith("; fix: bash slurm/local-cluster.sh stop; bash slurm/local-cluster.sh start\n")
+
+
 # ------------------------------------------------------------------ real cluster
 
 def sacct_states(job_ids):
