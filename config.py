@@ -83,6 +83,7 @@ SCHEMA = {
                "cpu, cuda or cuda:N", None),
     "dtype": (lambda v: v in ("float32", "float64"), "float32 or float64", "float32"),
     "compile": (lambda v: isinstance(v, bool), "true or false", False),
+    "flush_denormal": (lambda v: isinstance(v, bool), "true or false", True),
     "data_root": (_optional(lambda v: isinstance(v, str)), "a directory", None),
 }
 

@@ -197,6 +197,34 @@ def keep_freed_memory():
     return bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, 256 << 20))
 
 
+def flushing_denormals():
+    """Whether this thread's CPU arithmetic flushes subnormal floats to zero
+    (torch has a setter, :func:`torch.set_flush_denormal`, and no getter):
+    a float32 subnormal times one is zero only when it does."""
+    subnormal = torch.tensor(torch.finfo(torch.float32).tiny / 4, dtype=torch.float32)
+    return (subnormal * 1.0).item() == 0.0
+
+
+@contextlib.contextmanager
+def denormals_flushed(enabled=True):
+    """Subnormal floats (below 1.2e-38 in float32, 2.2e-308 in float64) read
+    and written as zero by the CPU in the body (``flush_denormal``), the
+    setting restored after it. Weights that weight decay or a tiny learning
+    rate drive towards zero pass through subnormals, which x86 computes ten
+    to a hundred times slower: 64 Ours_LR_Momentum members of the
+    Fashion-MNIST shape ran 8x slower steps and 40x slower evaluations
+    after 200 hyperparameter steps, with a third of the members' weights
+    subnormal, and a single run slows the same way (bench/RESULTS.md). A
+    subnormal weight is zero for the loss to float precision. The setting
+    is the calling thread's (intra-op worker threads keep theirs)."""
+    before = flushing_denormals()
+    torch.set_flush_denormal(enabled)
+    try:
+        yield
+    finally:
+        torch.set_flush_denormal(before)
+
+
 def compile_refusal(problem, config):
     """Why ``compile: true`` cannot take this configuration, or None."""
     buffers = [name for name, _ in problem.model.named_buffers()]

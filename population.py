@@ -33,8 +33,8 @@ import hyperparameters
 import models
 import processes
 import train
-from engine import (Sampled, Trainer, build_program, compile_by_calling, compiler, keep_freed_memory,
-                    initial_state, shaped_batches)
+from engine import (Sampled, Trainer, build_program, compile_by_calling, compiler, denormals_flushed,
+                    initial_state, keep_freed_memory, shaped_batches)
 from errors import UserError
 from step import member as member_state
 from step import stack, vectorised
@@ -406,6 +406,7 @@ def main(config, members, *, log_root="runs", group=None, device=None, progress=
             return results
         cfg, program, built, torch_device = build_members(
             config, [members[index] for index in pending], log_root, group, device)
+        locks.enter_context(denormals_flushed(cfg["flush_denormal"]))
         for step in sorted({member.hyperparameter_step for member in built}):
             alike = [member for member in built if member.hyperparameter_step == step]
             for index, member in enumerate(alike):

@@ -33,7 +33,7 @@ import hyperparameters
 import models
 import processes
 import validate
-from engine import Problem, Trainer
+from engine import Problem, Trainer, denormals_flushed
 from errors import CommandLine, UserError, exit_on_user_error
 from tracking import Tracker
 
@@ -448,10 +448,11 @@ def main(config, overrides=None, *, name=None, group=None, log_root="runs", devi
             return done
         clear_failed_attempt(run_dir, resuming=bool(load))
         write_config(run_dir, cfg)
-        if "teaching" in cfg:
-            results = run_teaching(cfg, run_dir, torch_device, progress)
-        else:
-            results = run_training(cfg, run_dir, torch_device, dtype, progress, save, load)
+        with denormals_flushed(cfg["flush_denormal"]):
+            if "teaching" in cfg:
+                results = run_teaching(cfg, run_dir, torch_device, progress)
+            else:
+                results = run_training(cfg, run_dir, torch_device, dtype, progress, save, load)
         results["host"] = socket.gethostname()
         write_json(run_dir / RESULTS, results)
         # The results are safe on disk; the checkpoint has done its job.

@@ -23,7 +23,7 @@ import torch
 import config as configuration
 import processes
 import validate
-from engine import compiler, compiler_failures
+from engine import compiler, compiler_failures, denormals_flushed
 from errors import UserError
 from step import member, stack
 from train import (CHECKPOINT, RESULTS, clear_failed_attempt, finished_results,
@@ -182,6 +182,7 @@ def main(config, members, *, log_root="runs", group=None, device=None, progress=
             return results
         same_data([run.method for run in runs], cfgs[pending[0]])
         locks.enter_context(loop.default_dtype(runs[0].context.dtype))
+        locks.enter_context(denormals_flushed(cfgs[pending[0]]["flush_denormal"]))
         for start in sorted({run.step for run in runs}):
             together = [i for i, run in enumerate(runs) if run.step == start]
             sub_streams = [streams[i] for i in together]
