@@ -41,6 +41,24 @@ def members_of(count, seed, settings, tmp_path, generator="natural_sgd"):
              "name": None} for k, override in enumerate(draws)]
 
 
+def kill_population_after(steps, monkeypatch, sources, members):
+    """Train ``members`` as a population that dies (``KeyboardInterrupt``)
+    at its step ``steps + 1``, as a killed process would stop there."""
+    calls = {"count": 0}
+    original = Program.step
+
+    def step_then_die(self, state, batches):
+        calls["count"] += 1
+        if calls["count"] == steps + 1:
+            raise KeyboardInterrupt("killed")
+        return original(self, state, batches)
+
+    monkeypatch.setattr(Program, "step", step_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        population.main(sources, members, progress=False)
+    monkeypatch.setattr(Program, "step", original)
+
+
 def assert_same_run(member, alone, rtol):
     assert member["status"] == alone["status"]
     assert member["network_weight_steps_done"] == alone["network_weight_steps_done"]
@@ -148,21 +166,9 @@ def test_killed_population_resumes_bit_for_bit(tmp_path, monkeypatch):
                 "log_interval": 10}
     whole = population.main(sources, members_of(3, 1, settings, tmp_path / "whole"),
                                   progress=False)
-    calls = {"count": 0}
-    original = Program.step
-
-    def step_then_die(self, state, batches):
-        calls["count"] += 1
-        if calls["count"] == 7:
-            raise KeyboardInterrupt("killed")
-        return original(self, state, batches)
-
-    monkeypatch.setattr(Program, "step", step_then_die)
     killed = members_of(3, 1, settings, tmp_path / "killed")
-    with pytest.raises(KeyboardInterrupt):
-        population.main(sources, killed, progress=False)
+    kill_population_after(6, monkeypatch, sources, killed)
     assert all((Path(m["run_dir"]) / "checkpoint.pt").is_file() for m in killed)
-    monkeypatch.setattr(Program, "step", original)
     # one member's checkpoint as written before the counters moved into the state
     from test_train import as_written_before_the_counters_moved_into_the_state
     as_written_before_the_counters_moved_into_the_state(Path(killed[2]["run_dir"]) / "checkpoint.pt")

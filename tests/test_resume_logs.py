@@ -22,8 +22,7 @@ import checkpoints
 import population
 import processes
 import train
-from step import Program
-from test_population import members_of
+from test_population import kill_population_after, members_of
 
 ROOT = Path(__file__).resolve().parent.parent
 SOURCES = [ROOT / "configs" / "digits.yaml", ROOT / "configs" / "Ours_LR_Momentum.yaml"]
@@ -141,20 +140,8 @@ def test_killed_population_resumes_each_members_logs_exactly(tmp_path, monkeypat
     and the other as a population."""
     settings = {**SETTINGS, "hyperparameter_steps": 10}
     population.main(SOURCES, members_of(2, 1, settings, tmp_path / "whole"), progress=False)
-    calls = {"count": 0}
-    original = Program.step
-
-    def step_then_die(self, state, batches):
-        calls["count"] += 1
-        if calls["count"] == killed_at + 1:
-            raise KeyboardInterrupt("killed")
-        return original(self, state, batches)
-
-    monkeypatch.setattr(Program, "step", step_then_die)
     killed = members_of(2, 1, settings, tmp_path / "killed")
-    with pytest.raises(KeyboardInterrupt):
-        population.main(SOURCES, killed, progress=False)
-    monkeypatch.setattr(Program, "step", original)
+    kill_population_after(killed_at, monkeypatch, SOURCES, killed)
     assert all((Path(m["run_dir"]) / train.CHECKPOINT).is_file() for m in killed)
     next_second()
     train.main(SOURCES, killed[0]["overrides"], run_dir=killed[0]["run_dir"], progress=False)
