@@ -170,15 +170,15 @@ def load_state(path, trainer, cfg, label=None, restore_random=True):
                         f"({type(error).__name__})") from None
 
 
-def stop_if_preempted(device, save, step):
-    """At a hyperparameter-step boundary: if SLURM is preempting the job, write
+def stop_if_preempted(device, save, step, unit="hyperparameter step"):
+    """At a step boundary (``unit``): if SLURM is preempting the job, write
     the current state for the requeued job (``save()``) and stop (see ``processes``)."""
     if not processes.preemption.requested():
         return
     synchronise(device)
     save()
     processes.preemption.saved()
-    raise processes.Preempted(f"preempted at hyperparameter step {step}")
+    raise processes.Preempted(f"preempted at {unit} {step}")
 
 
 class Schedule:

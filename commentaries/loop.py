@@ -35,7 +35,7 @@ import config
 from engine import compiler, compiler_failures
 from errors import UserError
 from tracking import Tracker
-from train import CHECKPOINT, random_states, restore_random_states
+from train import CHECKPOINT, random_states, restore_random_states, stop_if_preempted
 
 from commentaries import storage
 from commentaries.common import load_data
@@ -325,8 +325,18 @@ class Run:
                 self.status = "diverged"
                 return
         if context.checkpoint_every and self.step % context.checkpoint_every == 0 and self.step < method.steps:
-            save_checkpoint(self.checkpoint_path, method, self.step,
-                            self.wall_time + time.perf_counter() - self.started, self.means)
+            self.save()
+
+    def save(self):
+        """The run's state after its current outer step (the logs up to it are
+        written; the interval's sums are in the checkpoint): it resumes from the next."""
+        save_checkpoint(self.checkpoint_path, self.method, self.step,
+                        self.wall_time + time.perf_counter() - self.started, self.means)
+
+    def stop_if_preempted(self):
+        """Save and stop if SLURM is preempting the job (as a hyperparameter run does)."""
+        if self.running:
+            stop_if_preempted(self.context.device, self.save, self.step, unit="outer step")
 
     def finish(self):
         """The method's final metrics, teacher file and the run's results."""
@@ -383,4 +393,5 @@ def run(method, context):
             outer_step = functools.partial(method.outer_step, pure_step=pure_step)
         while machinery.running:
             machinery.record(outer_step(machinery.step))
+            machinery.stop_if_preempted()
         return machinery.finish()

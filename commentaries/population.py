@@ -28,7 +28,7 @@ from errors import UserError
 from step import member, stack
 from train import (CHECKPOINT, RESULTS, clear_failed_attempt, finished_results,
                    make_directory, make_run_dir, pick_device, prepare, random_states,
-                   restore_random_states, write_config, write_json)
+                   restore_random_states, stop_if_preempted, write_config, write_json)
 
 import commentaries
 from commentaries import TEACHERS, loop
@@ -120,6 +120,22 @@ def train_together(runs, streams):
                 run.method.load_outer_state(member(states, index))
                 with own_stream(streams, index):
                     run.record(member(metrics, index))
+        stop_members_if_preempted(runs, streams)
+
+
+def stop_members_if_preempted(runs, streams):
+    """If SLURM is preempting the job: every running member saves its state
+    (in its own random stream, as its periodic checkpoints do), then stop."""
+    running = [index for index, run in enumerate(runs) if run.running]
+
+    def save():
+        for index in running:
+            with own_stream(streams, index):
+                runs[index].save()
+
+    if running:
+        stop_if_preempted(runs[running[0]].context.device, save, runs[running[0]].step,
+                          unit="outer step")
 
 
 def warm_up(runs, streams, vectorised):

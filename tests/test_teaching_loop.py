@@ -15,10 +15,12 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import checkpoints
+import processes
 import train
 from commentaries import TEACHERS, storage
 from commentaries.loop import TeachingMethod
 from errors import UserError
+from test_resume_logs import next_second, preempt_after
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 CONFIGS = ROOT / "configs"
@@ -168,20 +170,49 @@ def test_sigkilled_teaching_run_resumes_bit_for_bit(tmp_path, algorithm):
     victim.send_signal(signal.SIGKILL)
     victim.wait()
     assert not (tmp_path / "killed" / "results.json").exists(), "killed too late to test resume"
-    step = checkpoints.read(checkpoint, "checkpoint")["step"]
-    train.main(sources, settings, run_dir=tmp_path / "killed", progress=False)  # the same run, resumed
-    resumed = json.loads((tmp_path / "killed" / "results.json").read_text())
+    next_second()
+    assert_resumes_to_the_whole_run(sources, settings, tmp_path / "killed", tmp_path / "whole", whole)
+
+
+def assert_resumes_to_the_whole_run(sources, settings, run_dir, whole_dir, whole):
+    """The interrupted run in ``run_dir``, resumed (in this process) from its
+    checkpoint, ends as the uninterrupted one: results, teacher file and logs."""
+    step = checkpoints.read(run_dir / "checkpoint.pt", "checkpoint")["step"]
+    train.main(sources, settings, run_dir=run_dir, progress=False)  # the same run, resumed
+    resumed = json.loads((run_dir / "results.json").read_text())
     assert resumed["resumed_from_step"] == step > 0
     for key in ("status", "outer_steps_done", "final", "objective", "teaching", "hyperparameters"):
         assert resumed[key] == whole[key], key
-    saved, again = (storage.load_teacher(path / "teacher.pt")["tensors"] for path in (tmp_path / "whole",
-                                                                                      tmp_path / "killed"))
+    saved, again = (storage.load_teacher(path / "teacher.pt")["tensors"] for path in (whole_dir, run_dir))
     assert saved.keys() == again.keys() and all(torch.equal(saved[name], again[name]) for name in saved)
-    logs = [EventAccumulator(str(tmp_path / name), size_guidance={"scalars": 0}).Reload() for name in ("whole", "killed")]
+    logs = [EventAccumulator(str(path), size_guidance={"scalars": 0}).Reload() for path in (whole_dir, run_dir)]
     tags = [tag for tag in logs[0].Tags()["scalars"] if tag.startswith("Loss/")]
     assert tags
-    for tag in tags:  # the killed process's events after its checkpoint are purged
+    for tag in tags:  # the interrupted run's events after its checkpoint are purged
         assert [(e.step, e.value) for e in logs[1].Scalars(tag)] == [(e.step, e.value) for e in logs[0].Scalars(tag)]
+
+
+@pytest.mark.parametrize("algorithm", ["Commentary_ExampleWeighting", "GTN_Curriculum"])
+def test_preempted_teaching_run_saves_its_step_and_resumes_bit_for_bit(tmp_path, algorithm):
+    """SLURM's preemption (``processes.preemption``, as the executor's signal
+    handler asks for it) stops a teaching run at its next outer step with its
+    state saved, no periodic checkpoint needed; resumed, it ends as the run
+    never interrupted."""
+    settings = [item for item in KILLED[algorithm] if not item.startswith("checkpoint_every")]
+    settings += ["device=cpu", "checkpoint_every=0"]
+    sources = [CONFIGS / "digits_teaching.yaml", CONFIGS / f"{algorithm}.yaml"]
+    whole = train.main(sources, settings, run_dir=tmp_path / "whole", progress=False)
+    run_dir = tmp_path / "preempted"
+    requester = preempt_after(lambda: any(run_dir.glob("events.out.tfevents.*")))
+    try:
+        with pytest.raises(processes.Preempted, match="preempted at outer step"):
+            train.main(sources, settings, run_dir=run_dir, progress=False)
+    finally:
+        requester.join(10)
+        processes.preemption.reset()
+    assert not (run_dir / "results.json").exists()
+    next_second()
+    assert_resumes_to_the_whole_run(sources, settings, run_dir, tmp_path / "whole", whole)
 
 
 def test_train_with_commentary_refuses_teachers_it_cannot_use_in_one_line(tmp_path):

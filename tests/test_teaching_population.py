@@ -9,12 +9,15 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+import checkpoints
 import optimisers
 import population
+import processes
 import train
 from commentaries import TEACHERS, example_weighting, storage
 from commentaries.loop import PureTeachingMethod
 from errors import UserError
+from test_resume_logs import next_second, preempt_after
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 CONFIGS = ROOT / "configs"
@@ -197,3 +200,31 @@ def test_a_registered_pure_toy_method_runs_as_a_population_with_no_other_edit(tm
         assert member["teaching"]["c"] == pytest.approx(alone["teaching"]["c"], rel=1e-14)
         assert member["objective"] == pytest.approx(alone["objective"], rel=1e-14)
     assert together[0]["teaching"]["c"] != together[1]["teaching"]["c"]
+
+
+def test_a_preempted_population_saves_every_member_and_resumes_to_the_runs_alone(tmp_path):
+    """SLURM's preemption stops a teaching population at its next outer step
+    with every member's state saved (each in its own random stream); the
+    requeued population resumes them, and each ends as its run alone."""
+    algorithm = "GTN_Curriculum"
+    settings = [item for item in TINY[algorithm] if not item.startswith("teaching.outer_steps")]
+    settings += FLOAT64 + ["teaching.outer_steps=30"]
+    members = [{"overrides": settings + [f"seed={seed}"], "run_dir": str(tmp_path / f"member{seed}")}
+               for seed in (0, 1)]
+    requester = preempt_after(lambda: any((tmp_path / "member1").glob("events.out.tfevents.*")))
+    try:
+        with pytest.raises(processes.Preempted, match="preempted at outer step"):
+            population.main(sources(algorithm), members, progress=False)
+    finally:
+        requester.join(10)
+        processes.preemption.reset()
+    steps = [checkpoints.read(tmp_path / f"member{seed}" / "checkpoint.pt", "checkpoint")["step"]
+             for seed in (0, 1)]
+    assert steps[0] == steps[1] and 0 < steps[0] < 30
+    next_second()
+    results = population.main(sources(algorithm), members, progress=False)
+    assert [r["resumed_from_step"] for r in results] == steps
+    for seed in (0, 1):
+        train.main(sources(algorithm), settings + [f"seed={seed}"], run_dir=tmp_path / f"alone{seed}",
+                   progress=False)
+        assert_member_is_the_run_alone(tmp_path / f"member{seed}", tmp_path / f"alone{seed}")
