@@ -237,6 +237,12 @@ CASES = {
                                 ["--set", "model.foo"]),
     "train-set-loss-typo": Case("train", lambda t: train_args(t, "--set", "loss.reduce=sum"),
                                 ["--set", "loss.reduce"]),
+    "train-set-flush-denormal-not-a-bool": Case(
+        "train", lambda t: train_args(t, "--set", "flush_denormal=maybe"),
+        ["--set", "flush_denormal", "true or false", "maybe"]),
+    "train-flush-denormal-not-a-bool-in-file": Case(
+        "train", lambda t: train_args(t, files=[write(t, "my.yaml", "flush_denormal: 0\n")]),
+        ["my.yaml", "flush_denormal", "true or false"]),
     "train-set-unknown-solver": Case(
         "train", lambda t: train_args(t, "--set", "hypergradient.solver=gmres", algorithm=OURS),
         ["--set", "hypergradient.solver", "gmres"]),
