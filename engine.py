@@ -16,6 +16,7 @@ import contextlib
 import ctypes
 import functools
 import logging
+import os
 import time
 
 import torch
@@ -205,24 +206,73 @@ def flushing_denormals():
     return (subnormal * 1.0).item() == 0.0
 
 
+# OpenMP runtimes that torch's intra-op pool may run on, by soname; only one
+# already loaded is used (``RTLD_NOLOAD``): libgomp on Linux, LLVM's libomp
+# and Intel's libiomp5 (both also export ``GOMP_parallel``) elsewhere.
+OPENMP_RUNTIMES = ("libgomp.so.1", "libomp.so", "libomp.dylib", "libiomp5.so")
+_EACH_THREAD = ctypes.CFUNCTYPE(None, ctypes.c_void_p)
+
+
+def _openmp_runtime():
+    """The OpenMP runtime loaded in this process, or None (another
+    parallel backend, or a platform without ``RTLD_NOLOAD``)."""
+    mode = getattr(os, "RTLD_NOLOAD", None)
+    if mode is None or "parallel backend: OpenMP" not in torch.__config__.parallel_info():
+        return None
+    for name in OPENMP_RUNTIMES:
+        try:
+            runtime = ctypes.CDLL(name, mode=mode | os.RTLD_LAZY)
+            runtime.GOMP_parallel.argtypes = (_EACH_THREAD, ctypes.c_void_p, ctypes.c_uint,
+                                              ctypes.c_uint)
+            runtime.GOMP_parallel.restype = None
+            return runtime
+        except (OSError, AttributeError):
+            continue
+    return None
+
+
+def set_flush_denormal_on_every_thread(enabled):
+    """``torch.set_flush_denormal`` for the calling thread *and* every
+    thread of its intra-op pool. The flag lives in each thread's floating-point
+    control register (x86 MXCSR), and torch sets the caller's only: the
+    pool's threads keep theirs, and every parallel operation then waits for
+    the slowest (measured, 2 threads, the pool started before flushing: an
+    elementwise product over 4M subnormals took 16 ms flushed as unflushed,
+    against 4 ms with every thread flushing). A thread created later
+    inherits its creator's register. So one parallel region of the pool's
+    size runs the setter in each thread; ``GOMP_parallel`` is the OpenMP
+    runtime's entry point for a ``#pragma omp parallel`` region, and the
+    region started from this thread uses the same pool as torch's. Returns
+    the calling thread's ``torch.set_flush_denormal`` (False where the CPU
+    has no such mode)."""
+    supported = torch.set_flush_denormal(enabled)
+    threads = torch.get_num_threads()
+    runtime = _openmp_runtime() if threads > 1 else None
+    if runtime is not None:
+        # ctypes releases the GIL for the call; each thread's callback takes it back
+        runtime.GOMP_parallel(_EACH_THREAD(lambda _: torch.set_flush_denormal(enabled)), None,
+                              threads, 0)
+    return supported
+
+
 @contextlib.contextmanager
 def denormals_flushed(enabled=True):
     """Subnormal floats (below 1.2e-38 in float32, 2.2e-308 in float64) read
-    and written as zero by the CPU in the body (``flush_denormal``), the
-    setting restored after it. Weights that weight decay or a tiny learning
-    rate drive towards zero pass through subnormals, which x86 computes ten
-    to a hundred times slower: 64 Ours_LR_Momentum members of the
+    and written as zero by the CPU in the body (``flush_denormal``), on every
+    intra-op thread, the calling thread's setting restored on all of them
+    after it. Weights that weight decay or a tiny learning rate drive
+    towards zero pass through subnormals, which x86 computes ten to a
+    hundred times slower: 64 Ours_LR_Momentum members of the
     Fashion-MNIST shape ran 8x slower steps and 40x slower evaluations
     after 200 hyperparameter steps, with a third of the members' weights
     subnormal, and a single run slows the same way (bench/RESULTS.md). A
-    subnormal weight is zero for the loss to float precision. The setting
-    is the calling thread's (intra-op worker threads keep theirs)."""
+    subnormal weight is zero for the loss to float precision."""
     before = flushing_denormals()
-    torch.set_flush_denormal(enabled)
+    set_flush_denormal_on_every_thread(enabled)
     try:
         yield
     finally:
-        torch.set_flush_denormal(before)
+        set_flush_denormal_on_every_thread(before)
 
 
 def compile_refusal(problem, config):

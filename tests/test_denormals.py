@@ -6,6 +6,9 @@ which the CPU computes ten to a hundred times slower (bench/RESULTS.md). The
 effect is observed through a real run: a learning rate of 1e-39 is a float32
 subnormal, so its natural value is 0 when the run flushes and 1e-39 when it
 does not, in ``results.json`` and in the TensorBoard logs alike."""
+import subprocess
+import sys
+
 import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -37,6 +40,34 @@ def test_the_context_flushes_inside_and_restores_the_setting_after():
             assert torch.tensor(1e-39).mul(1.0).item() > 0.0
         assert engine.flushing_denormals()
     assert engine.flushing_denormals() == before
+
+
+# Two intra-op threads whose pool runs before the context is entered; a
+# product over 2^20 float32 subnormals (bits 713000: about 1e-39) is split
+# between them, and each thread's share is zero only where that thread flushes.
+EVERY_THREAD = """
+import sys
+import torch
+sys.path.insert(0, sys.argv[1])
+import engine
+torch.set_num_threads(2)
+subnormals = torch.full((1 << 20,), 713000, dtype=torch.int32).view(torch.float32)
+kept = lambda: int((subnormals * 0.5).count_nonzero())
+print(kept(), engine._openmp_runtime() is not None)
+with engine.denormals_flushed(True):
+    print(kept())
+print(kept())
+"""
+
+
+def test_every_intra_op_thread_flushes_inside_and_is_restored_after():
+    """``torch.set_flush_denormal`` sets the calling thread's register
+    only: before the fix a two-thread run kept the pool thread's half
+    of every parallel operation subnormal (and slow). In a fresh process,
+    so the thread count and the pool are this test's own."""
+    output = subprocess.run([sys.executable, "-c", EVERY_THREAD, str(ROOT)], capture_output=True,
+                            text=True, timeout=120, check=True).stdout.split()
+    assert output == [str(1 << 20), "True", "0", str(1 << 20)]
 
 
 @pytest.mark.parametrize("flush", [True, False], ids=["flush_denormal", "keep_subnormals"])
