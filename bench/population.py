@@ -3,7 +3,7 @@
     python bench/population.py [--sizes 1 8 64 256 1024] [--max-size 64]
         [--hyperparameter-steps 20] [--algorithms Random Ours_LR_Momentum DiffThroughOpt]
         [--baseline-hyperparameter-steps 400] [--workloads uci fashion] [--threads 1] [--processes 2]
-        [--modes eager compiled]
+        [--modes eager compiled] [--rounds 1] [--population-processes]
         [--campaign [--campaign-repetitions 200] [--campaign-population-size 100]
                     [--campaign-sample 4] [--workers 2]]
 
@@ -19,9 +19,17 @@ imports, data loading, training, logging; how ``parallel_exec.py`` ran each
 run before populations), ``train.main`` in this process (data loading,
 training and logging; after one warm-up call), and ``population.main``
 for populations of N members, each with its own ``natural_sgd``
-initialisation and seed (the draws ``parallel_exec.py`` makes). Throughput is
-member weight steps per second of the whole call; ``loop`` is the training
-loop alone (each result's ``wall_time_s``). ``--modes eager compiled`` also
+initialisation and seed (the draws ``parallel_exec.py`` makes), after a
+warm-up population (this process's one-time imports of dynamo and inductor,
+as the in-process runs have a warm-up run: a campaign's worker pays them once
+for all its populations); ``--population-processes`` also times each
+population as one whole ``train.py --population N`` process, cold, as a
+separate process is. Throughput is member weight steps per second of the
+whole call; ``loop`` is the training loop alone (each result's
+``wall_time_s``). ``--rounds R`` measures every algorithm's baselines and
+populations R times, interleaved, and gives the median of the rounds'
+ratios, each round's population against that round's baselines: on a
+shared machine one round's ratio moves by a fifth or more. ``--modes eager compiled`` also
 trains each population with ``compile: true`` (the same pure step under
 ``torch.compile``; the whole call includes the compilation, also printed on
 its own), against the same baselines: the configurations as they are
@@ -108,20 +116,45 @@ def weight_steps(result):
     return result["network_weight_steps_done"]
 
 
+def set_arguments(overrides):
+    return [f"{key}={json.dumps(value) if isinstance(value, bool) else value}"
+            for key, value in overrides.items()]
+
+
+def child_environment(threads):
+    return {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+
+
 def separate_processes(config, overrides, scratch, threads):
     """Seconds and weight steps of one whole ``train.py`` process."""
-    arguments = [f"{key}={json.dumps(value) if isinstance(value, bool) else value}"
-                 for key, value in overrides.items()]
     run_dir = Path(tempfile.mkdtemp(dir=scratch))
-    environment = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     started = time.perf_counter()
-    subprocess.run([sys.executable, str(ROOT / "train.py"), "-c", *config, "--set", *arguments,
-                    "-q", "--run-dir", str(run_dir)], check=True, stdout=subprocess.DEVNULL,
-                   cwd=ROOT, env=environment)
+    subprocess.run([sys.executable, str(ROOT / "train.py"), "-c", *config, "--set",
+                    *set_arguments(overrides), "-q", "--run-dir", str(run_dir)], check=True,
+                   stdout=subprocess.DEVNULL, cwd=ROOT, env=child_environment(threads))
     seconds = time.perf_counter() - started
     result = json.loads((run_dir / "results.json").read_text())
     shutil.rmtree(run_dir, ignore_errors=True)
     return seconds, weight_steps(result)
+
+
+def population_process(config, count, common, scratch, threads):
+    """Seconds and total member weight steps of one whole ``train.py
+    --population N`` process: cold, like a separate process (start-up,
+    imports, compilation, training, every member's logs). Its members are
+    the generator's first ``count`` draws, the bench's own members."""
+    folder = Path(tempfile.mkdtemp(dir=scratch))
+    started = time.perf_counter()
+    subprocess.run([sys.executable, str(ROOT / "train.py"), "-c", *config, "--population", str(count),
+                    "--generator", "natural_sgd", "--seed", "0", "--set", *set_arguments(common),
+                    "-q", "-l", str(folder), "-g", "population"], check=True,
+                   stdout=subprocess.DEVNULL, cwd=ROOT, env=child_environment(threads))
+    seconds = time.perf_counter() - started
+    results = [json.loads(path.read_text()) for path in folder.rglob("results.json")]
+    shutil.rmtree(folder, ignore_errors=True)
+    if len(results) != count:
+        raise RuntimeError(f"train.py --population {count} wrote {len(results)} results")
+    return seconds, sum(weight_steps(result) for result in results)
 
 
 def in_process(config, overrides, scratch):
@@ -150,64 +183,118 @@ def population_call(config, members_overrides, scratch):
     return seconds, loop, compile_seconds, sum(weight_steps(result) for result in results), diverged
 
 
+def label_of(n, mode):
+    return f"N={n}" + (" compiled" if mode == "compiled" else "")
+
+
+def measure_round(config, algorithm, overrides, baseline, common, arguments, scratch, first):
+    """One round of one algorithm: its baselines, then each population
+    in-process (after a warm-up population in the first round, as the
+    in-process runs have a warm-up run) and as its own process. Returns
+    ``(row, compile seconds, notes)``; ``row`` maps each column to member
+    weight steps per second."""
+    row, compile_times, notes = {}, {}, []
+    timings = [separate_processes(config, baseline[k], scratch, arguments.threads)
+               for k in range(arguments.processes)]
+    row["separate processes"] = sum(s for _, s in timings) / sum(t for t, _ in timings)
+    if first:
+        in_process(config, overrides[0], scratch)  # warm-up: imports, first-call costs
+    timings = [in_process(config, baseline[k], scratch) for k in range(arguments.processes)]
+    row["in-process runs"] = sum(s for _, _, s in timings) / sum(t for t, _, _ in timings)
+    row["in-process loop"] = sum(s for _, _, s in timings) / sum(l for _, l, _ in timings)
+    for n, mode in [(n, mode) for n in arguments.population_sizes for mode in arguments.modes]:
+        label = label_of(n, mode)
+        compiled = {"compile": mode == "compiled"}
+        if first:  # warm-up: this process's one-time imports (dynamo, inductor) and first calls
+            population_call(config, [{**member, **compiled, "hyperparameter_steps": 1}
+                                     for member in overrides[:2]], scratch)
+        members = [{**member, **compiled} for member in overrides[:n]]
+        seconds, loop, compile_seconds, member_steps, diverged = population_call(
+            config, members, scratch)
+        row[label] = member_steps / seconds
+        row[f"{label} loop"] = member_steps / loop
+        if mode == "compiled":
+            compile_times[f"{algorithm} {label}"] = compile_seconds
+        if diverged:
+            notes.append(f"{algorithm} {label}: {diverged} member(s) diverged (frozen; counted "
+                         f"with the steps they did)")
+        if arguments.population_processes:
+            seconds, member_steps = population_process(
+                config, n, {**common, **compiled}, scratch, arguments.threads)
+            row[f"{label} process"] = member_steps / seconds
+    return row, compile_times, notes
+
+
+def median(values):
+    return float(np.median(values))
+
+
 def bench_workload(label, files, common, description, arguments, scratch):
     print(f"\n## {label}: {description}")
     steps, baseline_steps = arguments.hyperparameter_steps, arguments.baseline_hyperparameter_steps
-    sizes = [n for n in arguments.sizes if n <= arguments.max_size]
-    overrides = member_overrides(max(sizes + [arguments.processes]), {
-        "hyperparameter_steps": steps, "device": "cpu", "log_interval": 100, **common})
+    arguments.population_sizes = [n for n in arguments.sizes if n <= arguments.max_size]
+    common = {"hyperparameter_steps": steps, "device": "cpu", "log_interval": 100, **common}
+    overrides = member_overrides(max(arguments.population_sizes + [arguments.processes]), common)
     baseline = [{**member, "hyperparameter_steps": baseline_steps or steps} for member in overrides]
-    rates, compile_times = {}, {}
+    runnable = []
     for algorithm in arguments.algorithms:
-        config = stack(files, algorithm)
-        row = {}
-        timings = [separate_processes(config, baseline[k], scratch, arguments.threads)
-                   for k in range(arguments.processes)]
-        row["separate processes"] = sum(s for _, s in timings) / sum(t for t, _ in timings)
-        in_process(config, overrides[0], scratch)  # warm-up: imports, first-call costs
-        timings = [in_process(config, baseline[k], scratch) for k in range(arguments.processes)]
-        row["in-process runs"] = sum(s for _, _, s in timings) / sum(t for t, _, _ in timings)
-        row["in-process loop"] = sum(s for _, _, s in timings) / sum(l for _, l, _ in timings)
-        reason = population.refusal(config, overrides[0])
+        reason = population.refusal(stack(files, algorithm), overrides[0])
         if reason:
             print(f"  {algorithm}: population path unavailable: {reason}")
         else:
-            for n, mode in [(n, mode) for n in sizes for mode in arguments.modes]:
-                label = f"N={n}" + (" compiled" if mode == "compiled" else "")
-                members = [{**member, "compile": mode == "compiled"} for member in overrides[:n]]
-                seconds, loop, compile_seconds, member_steps, diverged = population_call(
-                    config, members, scratch)
-                row[label] = member_steps / seconds
-                row[f"{label} loop"] = member_steps / loop
-                if mode == "compiled":
-                    compile_times[f"{algorithm} {label}"] = compile_seconds
-                if diverged:
-                    print(f"  {algorithm} {label}: {diverged} member(s) diverged (frozen; counted "
-                          f"with the steps they did)")
-        rates[algorithm] = row
-        print(f"  {algorithm:20s} " + "  ".join(f"{key} {value:,.0f}" for key, value in row.items()),
-              flush=True)
+            runnable.append(algorithm)
+    rounds = {algorithm: [] for algorithm in runnable}
+    compile_times = {}
+    for index in range(arguments.rounds):
+        for algorithm in runnable:  # interleaved: each round's ratios are measured close in time
+            row, compiled, notes = measure_round(stack(files, algorithm), algorithm, overrides,
+                                                 baseline, common, arguments, scratch, index == 0)
+            rounds[algorithm].append(row)
+            for key, value in compiled.items():
+                compile_times.setdefault(key, []).append(value)
+            print(f"  round {index + 1} {algorithm:20s} " + "  ".join(
+                f"{key} {value:,.0f}" for key, value in row.items()), flush=True)
+            for note in notes:
+                print(f"  {note}")
     print(f"  (member weight steps per second of the whole call or process; 'loop': the training "
-          f"loop alone. Populations: {steps} hyperparameter steps per member; separate processes and "
-          f"in-process runs: {baseline_steps or steps}; {arguments.threads} thread(s) per process; "
-          f"ratios below from whole calls)")
+          f"loop alone; 'process': the population as one whole `train.py --population N` process. "
+          f"Populations: {steps} hyperparameter steps per member; separate processes and in-process "
+          f"runs: {baseline_steps or steps}; {arguments.threads} thread(s) per process; ratios below "
+          f"from whole calls, each round's population against the same round's baselines)")
     if compile_times:
         print("  'compiled': populations with compile: true (baselines as configured); seconds "
               "compiling, included in the whole call: " + ", ".join(
-                  f"{key} {value:.1f}" for key, value in compile_times.items()))
-    labels = [f"N={n}" + (" compiled" if mode == "compiled" else "")
-              for n in sizes for mode in arguments.modes]
-    for algorithm, row in rates.items():
+                  f"{key} {'/'.join(f'{v:.1f}' for v in values)}"
+                  for key, values in compile_times.items()))
+    labels = [label_of(n, mode) for n in arguments.population_sizes for mode in arguments.modes]
+    for algorithm, rows in rounds.items():
         for label in labels:
-            if label in row:
-                print(f"  {algorithm} {label}: {row[label] / row['separate processes']:.1f}x separate "
-                      f"processes, {row[label] / row['in-process runs']:.1f}x in-process runs "
-                      f"(targets at N=64: 10x and 3x)")
-    if {"Random", "Ours_LR_Momentum"} <= set(rates):
-        ratios = [f"{label} {rates['Random'][label] / rates['Ours_LR_Momentum'][label]:.2f}x"
-                  for label in labels if label in rates["Ours_LR_Momentum"]]
-        if ratios:
-            print("  Ours_LR_Momentum / Random time ratio inside a population: " + ", ".join(ratios))
+            for column, name in ((label, "in-process population"),
+                                 (f"{label} process", "population process")):
+                if column in rows[0]:
+                    print(f"  {algorithm} {label}, {name}: " + ratios_against_baselines(rows, column))
+    if {"Random", "Ours_LR_Momentum"} <= set(rounds):
+        ratios = [f"{label} {rate(rounds, 'Random', label) / rate(rounds, 'Ours_LR_Momentum', label):.2f}x"
+                  for label in labels]
+        print("  Ours_LR_Momentum / Random time ratio inside a population (median rates): "
+              + ", ".join(ratios))
+
+
+def ratios_against_baselines(rows, column):
+    """``column``'s rate over each baseline, the median over rounds (and each round's)."""
+    separate = [row[column] / row["separate processes"] for row in rows]
+    single = [row[column] / row["in-process runs"] for row in rows]
+    text = (f"{median(separate):.1f}x separate processes, {median(single):.1f}x in-process runs "
+            f"(targets at N=64: 10x and 3x)")
+    if len(rows) > 1:
+        text += (f"; medians of {len(rows)} rounds, which gave "
+                 f"{', '.join(f'{r:.1f}x' for r in separate)} and "
+                 f"{', '.join(f'{r:.1f}x' for r in single)}")
+    return text
+
+
+def rate(rounds, algorithm, column):
+    return median([row[column] for row in rounds[algorithm]])
 
 
 def fanout_seconds(repetitions, population_size, workers, scratch, group):
@@ -271,6 +358,12 @@ def main():
                              "separate and in-process runs stay as configured")
     parser.add_argument("--processes", type=int, default=2,
                         help="separate processes and in-process runs timed per algorithm")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="measure every algorithm's baselines and populations this many "
+                             "times, interleaved; ratios are the rounds' medians")
+    parser.add_argument("--population-processes", action="store_true",
+                        help="also time each population as one whole `train.py --population N` "
+                             "process (cold, as a separate process is)")
     parser.add_argument("--campaign", action="store_true", help="also time a whole campaign (long)")
     parser.add_argument("--campaign-repetitions", type=int, default=200)
     parser.add_argument("--campaign-population-size", type=int, default=100)
