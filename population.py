@@ -216,7 +216,8 @@ def run(cfg, program, members, device, progress):
     count = len(members)
     stepper = vectorised_program(cfg, program, device)
     state = stack([member.state for member in members])
-    compile_time = warm_up(stepper, state, members, program, cfg) if cfg["compile"] else 0.0
+    compile_time = train.compile_announced(
+        cfg["compile"], progress, lambda: warm_up(stepper, state, members, program, cfg))
     evaluators = vectorised_evaluators(cfg, program)
     alive = torch.ones(count, dtype=torch.bool, device=device)
     live, results = list(range(count)), [None] * count

@@ -287,6 +287,21 @@ def prepare(cfg):
     return cfg
 
 
+def compile_announced(compiled, progress, warm_up):
+    """``warm_up()`` (``compile: true`` compiles there, outside the timed
+    loop), said on stderr when a progress bar is shown: the bar would
+    otherwise stand still at 0 for the whole compilation. Returns its seconds."""
+    if not compiled:
+        return 0.0
+    if progress:
+        print("compile: true: compiling before training (about 35 s the first time on a CPU, "
+              "a few seconds with a warm cache) ...", file=sys.stderr, flush=True)
+    seconds = warm_up()
+    if progress:
+        print(f"compiled in {seconds:.1f} s", file=sys.stderr, flush=True)
+    return seconds
+
+
 def run_training(cfg, run_dir, device, dtype, progress, save, load):
     problem = load_problem(cfg, device, dtype)
     trainer = Trainer(cfg, problem, device, dtype)
@@ -297,12 +312,7 @@ def run_training(cfg, run_dir, device, dtype, progress, save, load):
         label = str(checkpoint_path) if resume_from == checkpoint_path else f"-s {load}"
         wall_time = load_state(resume_from, trainer, cfg, label)
     tracker = open_tracker(run_dir, cfg, trainer.weight_step if resume_from else None)
-    if trainer.compiled and progress:
-        print("compile: true: compiling before training (about 35 s the first time on a CPU, "
-              "a few seconds with a warm cache) ...", file=sys.stderr, flush=True)
-    compile_time = trainer.warm_up()  # compile: true compiles here, outside the timed loop
-    if trainer.compiled and progress:
-        print(f"compiled in {compile_time:.1f} s", file=sys.stderr, flush=True)
+    compile_time = compile_announced(trainer.compiled, progress, trainer.warm_up)
     status = run_loop(trainer, cfg, tracker, checkpoint_path, progress, wall_time)
     results = finish(trainer, cfg, tracker, status, run_dir, save)
     results["compile_time_s"] = compile_time

@@ -381,13 +381,17 @@ def test_batch_size_full_and_larger_than_the_split_mean_the_whole_split(digits_t
     assert digits_trainer("Random", batch_size=32).samplers.training.next().shape == (32,)
 
 
-def test_compiled_population_matches_eager_population(tmp_path):
+def test_compiled_population_matches_eager_population(tmp_path, capsys):
     sources = [CONFIGS / "digits.yaml", CONFIGS / "Ours_LR_Momentum.yaml"]
     eager = population.main(sources, members_of(3, 2, SHORT, tmp_path / "eager"),
-                                  progress=False)
+                                  progress=True)
+    assert "compil" not in capsys.readouterr().err
     compiled = population.main(
         sources, members_of(3, 2, {**SHORT, "compile": True}, tmp_path / "compiled"),
-        progress=False)
+        progress=True)
+    # the bar would stand at 0 through the compilation: it is said instead
+    said = capsys.readouterr().err
+    assert "compiling before training" in said and "compiled in" in said
     for a, b in zip(compiled, eager):
         assert a["compile_time_s"] > 0
         assert_same_run(a, b, rtol=1e-8)
