@@ -293,12 +293,12 @@ def compile_announced(compiled, progress, warm_up):
     otherwise stand still at 0 for the whole compilation. Returns its seconds."""
     if not compiled:
         return 0.0
-    if progress:
-        print("compile: true: compiling before training (about 35 s the first time on a CPU, "
-              "a few seconds with a warm cache) ...", file=sys.stderr, flush=True)
+    if progress:  # tqdm.write: above a bar already shown (the teaching loop's)
+        tqdm.write("compile: true: compiling before training (about 35 s the first time on a "
+                   "CPU, a few seconds with a warm cache) ...", file=sys.stderr)
     seconds = warm_up()
     if progress:
-        print(f"compiled in {seconds:.1f} s", file=sys.stderr, flush=True)
+        tqdm.write(f"compiled in {seconds:.1f} s", file=sys.stderr)
     return seconds
 
 

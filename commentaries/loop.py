@@ -35,7 +35,8 @@ import config
 from engine import compiler, compiler_failures
 from errors import UserError
 from tracking import Tracker
-from train import CHECKPOINT, random_states, restore_random_states, stop_if_preempted
+from train import (CHECKPOINT, compile_announced, random_states, restore_random_states,
+                   stop_if_preempted)
 
 from commentaries import storage
 from commentaries.common import load_data
@@ -299,13 +300,16 @@ class Run:
         generators restored after it, so the run is untouched; outside the
         timed loop, as ``train.py`` compiles a hyperparameter step."""
         snapshot = self.method.state_dict()
-        started = time.perf_counter()
-        try:
-            with compiler_failures():
-                call()
-        finally:
-            self.method.load_state_dict(snapshot)
-        self.compile_time = time.perf_counter() - started
+
+        def compiling():
+            started = time.perf_counter()
+            try:
+                with compiler_failures():
+                    call()
+            finally:
+                self.method.load_state_dict(snapshot)
+            return time.perf_counter() - started
+        self.compile_time = compile_announced(True, self.context.progress, compiling)
         self.started = time.perf_counter()
 
     def record(self, metrics):

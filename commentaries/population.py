@@ -26,7 +26,7 @@ import validate
 from engine import compiler, compiler_failures, denormals_flushed
 from errors import UserError
 from step import member, stack
-from train import (CHECKPOINT, RESULTS, clear_failed_attempt, finished_results,
+from train import (CHECKPOINT, RESULTS, clear_failed_attempt, compile_announced, finished_results,
                    make_directory, make_run_dir, pick_device, prepare, random_states,
                    restore_random_states, stop_if_preempted, write_config, write_json)
 
@@ -143,19 +143,23 @@ def warm_up(runs, streams, vectorised):
     every member's state, generators and global stream restored after it;
     each member records the compile time as its own."""
     snapshots, saved_streams = [run.method.state_dict() for run in runs], list(streams)
-    started = time.perf_counter()
-    try:
-        inputs = []
-        for index, run in enumerate(runs):
-            with own_stream(streams, index):
-                inputs.append(run.method.outer_inputs(run.step))
-        with compiler_failures():
-            vectorised(stack([run.method.outer_state() for run in runs]), stack(inputs))
-    finally:
-        for run, snapshot in zip(runs, snapshots):
-            run.method.load_state_dict(snapshot)
-        streams[:] = saved_streams
-    elapsed, now = time.perf_counter() - started, time.perf_counter()
+
+    def compiling():
+        started = time.perf_counter()
+        try:
+            inputs = []
+            for index, run in enumerate(runs):
+                with own_stream(streams, index):
+                    inputs.append(run.method.outer_inputs(run.step))
+            with compiler_failures():
+                vectorised(stack([run.method.outer_state() for run in runs]), stack(inputs))
+        finally:
+            for run, snapshot in zip(runs, snapshots):
+                run.method.load_state_dict(snapshot)
+            streams[:] = saved_streams
+        return time.perf_counter() - started
+    elapsed = compile_announced(True, runs[0].context.progress, compiling)
+    now = time.perf_counter()
     for run in runs:
         run.compile_time, run.started = elapsed, now
 

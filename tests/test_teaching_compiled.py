@@ -17,7 +17,7 @@ COMPILED = ["compile=true"]
 
 
 @pytest.mark.parametrize("algorithm", ["Commentary_ExampleWeighting", "GTN_Curriculum"])
-def test_compiled_teaching_run_equals_the_eager_run(tmp_path, algorithm):
+def test_compiled_teaching_run_equals_the_eager_run(tmp_path, capsys, algorithm):
     """ExampleWeighting's chunked unroll (vjp per chunk of grad-of-grad
     steps) and GTN's truncated one, each compiled as one graph."""
     settings = TINY[algorithm] + FLOAT64
@@ -25,8 +25,10 @@ def test_compiled_teaching_run_equals_the_eager_run(tmp_path, algorithm):
     counters.clear()
     with torch._dynamo.config.patch(error_on_recompile=True):
         compiled = train.main(sources(algorithm), settings + COMPILED, run_dir=tmp_path / "compiled",
-                              progress=False)
+                              progress=True)
     assert not counters["graph_break"], dict(counters["graph_break"])  # one graph per outer step
+    said = capsys.readouterr().err  # the bar stands still while compiling: it is said
+    assert "compiling before training" in said and "compiled in" in said
     assert eager["compile_time_s"] == 0.0 and compiled["compile_time_s"] > 0.0
     assert_member_is_the_run_alone(tmp_path / "compiled", tmp_path / "eager")
 
@@ -36,9 +38,10 @@ def test_compiled_teaching_population_equals_the_eager_runs(tmp_path, capsys):
     settings = TINY[algorithm] + FLOAT64
     counters.clear()
     with torch._dynamo.config.patch(error_on_recompile=True):
-        status = train.cli(["-c", *sources(algorithm), "--population", "2", "--seed", "3", "-q",
+        status = train.cli(["-c", *sources(algorithm), "--population", "2", "--seed", "3",
                             "-l", str(tmp_path / "population"), "--set", *settings, *COMPILED])
     assert status == 0 and not counters["graph_break"], dict(counters["graph_break"])
+    assert "compiled in" in capsys.readouterr().err
     members = sorted((tmp_path / "population").rglob("results.json"))
     assert len(members) == 2
     for path in members:
