@@ -180,16 +180,27 @@ def largest(arguments, scratch, deadline):
             "fits": fits, "stopped_by": "out of memory" if failed else "limit or deadline"}
 
 
+def at_least_one(text):
+    """argparse type: an integer >= 1 (the flag's name comes with argparse's error)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
+    return value
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--algorithm", default="Ours_LR_Momentum")
-    parser.add_argument("--members", type=int, default=1000)
-    parser.add_argument("--hyperparameter-steps", type=int, default=400, help="10 weight steps each")
+    parser.add_argument("--members", type=at_least_one, default=1000)
+    parser.add_argument("--hyperparameter-steps", type=at_least_one, default=400, help="10 weight steps each")
     parser.add_argument("--modes", nargs="+", default=["eager", "compiled"], choices=["eager", "compiled"])
-    parser.add_argument("--check-members", type=int, default=4)
-    parser.add_argument("--largest-from", type=int, default=1024)
-    parser.add_argument("--largest-up-to", type=int, default=1 << 20)
+    parser.add_argument("--check-members", type=at_least_one, default=4)
+    parser.add_argument("--largest-from", type=at_least_one, default=1024)
+    parser.add_argument("--largest-up-to", type=at_least_one, default=1 << 20)
     parser.add_argument("--deadline-s", type=float, default=540.0,
                         help="skip what is left after this many seconds")
     parser.add_argument("--json", help="write the figures here (after each part)")

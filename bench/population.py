@@ -340,6 +340,17 @@ def bench_campaign(arguments, scratch):
               f"populations would do better per member than this linear scaling)")
 
 
+def at_least_one(text):
+    """argparse type: an integer >= 1 (the flag's name comes with argparse's error)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
+    return value
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[1, 8, 64, 256, 1024])
@@ -358,7 +369,7 @@ def main():
                              "separate and in-process runs stay as configured")
     parser.add_argument("--processes", type=int, default=2,
                         help="separate processes and in-process runs timed per algorithm")
-    parser.add_argument("--rounds", type=int, default=1,
+    parser.add_argument("--rounds", type=at_least_one, default=1,
                         help="measure every algorithm's baselines and populations this many "
                              "times, interleaved; ratios are the rounds' medians")
     parser.add_argument("--population-processes", action="store_true",
