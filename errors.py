@@ -37,3 +37,15 @@ class CommandLine(argparse.ArgumentParser):
 
     def error(self, message):
         raise UserError(f"{self.prog}: {message} (see --help)")
+
+
+def at_least_one(text):
+    """An argparse ``type``: an integer >= 1, else argparse's one-line error
+    naming the flag."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
+    return value

@@ -46,7 +46,7 @@ sys.path.insert(0, str(ROOT))
 import generators  # noqa: E402
 import population  # noqa: E402
 from engine import shaped_batches  # noqa: E402
-from errors import UserError  # noqa: E402
+from errors import UserError, at_least_one  # noqa: E402
 from trees import tree_map  # noqa: E402
 
 os.environ.setdefault("HYPERGRAD_DATA", str(ROOT.parent / "shared" / "data"))
@@ -178,17 +178,6 @@ def largest(arguments, scratch, deadline):
             failed = middle
     return {"largest_that_fits": fitted, "smallest_out_of_memory": failed, "tried": tried,
             "fits": fits, "stopped_by": "out of memory" if failed else "limit or deadline"}
-
-
-def at_least_one(text):
-    """argparse type: an integer >= 1 (the flag's name comes with argparse's error)."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
-    return value
 
 
 def main():

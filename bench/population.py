@@ -58,6 +58,7 @@ sys.path.insert(0, str(ROOT))
 import generators  # noqa: E402
 import population  # noqa: E402
 import train  # noqa: E402
+from errors import at_least_one  # noqa: E402
 
 # The shared data root, as the tests use it, unless the user chose one (child processes inherit it).
 os.environ.setdefault("HYPERGRAD_DATA", str(ROOT.parent / "shared" / "data"))
@@ -338,17 +339,6 @@ def bench_campaign(arguments, scratch):
               f"ESTIMATES: without populations {estimate * FULL_CAMPAIGN / reps / 60:.0f} min, with "
               f"{seconds * FULL_CAMPAIGN / reps / 60:.0f} min (populations of {size} at most; larger "
               f"populations would do better per member than this linear scaling)")
-
-
-def at_least_one(text):
-    """argparse type: an integer >= 1 (the flag's name comes with argparse's error)."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
-    return value
 
 
 def main():
