@@ -29,7 +29,6 @@ so a run cut short keeps what it measured):
 
 Parts are skipped, and said to be, once ``--deadline-s`` has passed.
 """
-import argparse
 import gc
 import json
 import os
@@ -46,7 +45,7 @@ sys.path.insert(0, str(ROOT))
 import generators  # noqa: E402
 import population  # noqa: E402
 from engine import shaped_batches  # noqa: E402
-from errors import UserError, at_least_one  # noqa: E402
+from errors import CommandLine, UserError, at_least_one, exit_on_user_error  # noqa: E402
 from trees import tree_map  # noqa: E402
 
 os.environ.setdefault("HYPERGRAD_DATA", str(ROOT.parent / "shared" / "data"))
@@ -180,8 +179,9 @@ def largest(arguments, scratch, deadline):
             "fits": fits, "stopped_by": "out of memory" if failed else "limit or deadline"}
 
 
+@exit_on_user_error
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = CommandLine(prog="bench/device_population.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--algorithm", default="Ours_LR_Momentum")
     parser.add_argument("--members", type=at_least_one, default=1000)

@@ -39,7 +39,6 @@ UCI-energy campaign (200 inits x 7 algorithms x 4,000 weight steps) through
 estimated from ``--campaign-sample`` repetitions per algorithm (measured,
 then scaled; the output says so).
 """
-import argparse
 import json
 import os
 import shutil
@@ -58,7 +57,7 @@ sys.path.insert(0, str(ROOT))
 import generators  # noqa: E402
 import population  # noqa: E402
 import train  # noqa: E402
-from errors import at_least_one  # noqa: E402
+from errors import CommandLine, at_least_one, exit_on_user_error  # noqa: E402
 
 # The shared data root, as the tests use it, unless the user chose one (child processes inherit it).
 os.environ.setdefault("HYPERGRAD_DATA", str(ROOT.parent / "shared" / "data"))
@@ -341,8 +340,9 @@ def bench_campaign(arguments, scratch):
               f"populations would do better per member than this linear scaling)")
 
 
+@exit_on_user_error
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = CommandLine(prog="bench/population.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[1, 8, 64, 256, 1024])
     parser.add_argument("--max-size", type=int, default=1024, help="skip population sizes above this")
     parser.add_argument("--hyperparameter-steps", type=int, default=20,

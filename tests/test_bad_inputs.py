@@ -618,6 +618,24 @@ def test_bayesopt_prints_no_dependency_warning_before_its_error(tmp_path):
     assert "ax_client.json" in answer.stderr
 
 
+@pytest.mark.parametrize("script, flag, value", [
+    ("bench/population.py", "--rounds", "0"),
+    ("bench/device_population.py", "--members", "x"),
+    ("bench/device_population.py", "--largest-from", "-1"),
+], ids=["population-rounds-0", "device-members-not-a-number", "device-largest-from-negative"])
+def test_benchmark_counts_below_one_are_one_line_errors(script, flag, value, tmp_path):
+    """The benchmarks' counts (rounds, members, sizes) are integers >= 1:
+    anything else is refused before any work, in one line (``--rounds 0``
+    used to end in an IndexError traceback)."""
+    import subprocess
+
+    answer = subprocess.run([sys.executable, str(ROOT / script), flag, value], capture_output=True,
+                            text=True, timeout=300, cwd=tmp_path)
+    assert answer.returncode == 2
+    assert answer.stderr.count("\n") == 1 and answer.stderr.startswith("error: "), answer.stderr
+    assert script in answer.stderr and flag in answer.stderr and repr(value) in answer.stderr
+
+
 if __name__ == "__main__":
     import tempfile
 
