@@ -143,6 +143,7 @@ def build_members(config, members, log_root, group, device):
     reason = model_refusal(problem.model, first)
     if reason:
         raise UserError(reason)
+    models.fold_for_population(problem.model)  # members share batches: see FoldedLinear
     program, _ = build_program(first, problem, torch_device, dtype)
     names = set(program.optimiser.hyperparameters)
     reference = strip_varying(first, names)

@@ -331,3 +331,52 @@ def test_program_calls_a_tied_model_with_the_given_weight_in_both_places():
     assert torch.equal(program.predict(weights, {}, tokens), expected)
     untied = functional_call(model, dict(zip(program.names, weights)), (tokens,), tie_weights=False)
     assert not torch.allclose(untied, expected)  # the tie matters for these weights
+
+
+def folded_population_forward(layer, inputs, in_dims):
+    """vmap over members' weights (and inputs, with ``in_dims[2] == 0``) of
+    ``layer``'s forward and of the gradient of a loss of it, and the aten
+    products that ran."""
+    def forward(weight, bias, batch):
+        return functional_call(layer, {"weight": weight, "bias": bias}, (batch,))
+
+    def loss(weight, bias, batch):
+        return forward(weight, bias, batch).tanh().sum()
+
+    torch.manual_seed(0)
+    weights, biases = torch.randn(4, 5, 8, dtype=torch.float64), torch.randn(4, 5, dtype=torch.float64)
+    with torch.profiler.profile() as profile:
+        outputs = torch.func.vmap(forward, in_dims=in_dims)(weights, biases, inputs)
+        gradients = torch.func.vmap(grad(loss, argnums=(0, 1)), in_dims=in_dims)(weights, biases, inputs)
+    ops = {event.key for event in profile.key_averages()}
+    return weights, biases, outputs, gradients, ops
+
+
+@pytest.mark.parametrize("shared_inputs", [True, False], ids=["shared-batch", "own-batches"])
+def test_folded_linear_is_linear_and_one_matrix_product_for_a_shared_batch(shared_inputs):
+    layer = models.fold_for_population(models.FoldedLinear(8, 5).double())
+    torch.manual_seed(1)
+    inputs = torch.randn(7, 8, dtype=torch.float64) if shared_inputs else torch.randn(4, 7, 8, dtype=torch.float64)
+    weights, biases, outputs, gradients, ops = folded_population_forward(
+        layer, inputs, (0, 0, None if shared_inputs else 0))
+    member_inputs = [inputs] * 4 if shared_inputs else list(inputs)
+    expected = torch.stack([torch.nn.functional.linear(x, w, b)
+                            for x, w, b in zip(member_inputs, weights, biases)])
+    torch.testing.assert_close(outputs, expected, rtol=1e-12, atol=1e-12)
+    for member, (x, w, b) in enumerate(zip(member_inputs, weights, biases)):
+        w, b = w.clone().requires_grad_(), b.clone().requires_grad_()
+        torch.nn.functional.linear(x, w, b).tanh().sum().backward()
+        torch.testing.assert_close(gradients[0][member], w.grad, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(gradients[1][member], b.grad, rtol=1e-12, atol=1e-12)
+    if shared_inputs:  # the point of the fold: no product batched over members
+        assert "aten::mm" in ops and "aten::bmm" not in ops, sorted(ops)
+        _, _, _, _, unfolded_ops = folded_population_forward(models.FoldedLinear(8, 5).double(), inputs,
+                                                             (0, 0, None))
+        assert "aten::bmm" in unfolded_ops, sorted(unfolded_ops)  # the order a single run keeps
+
+
+def test_only_a_population_folds_its_linear_layers():
+    model = models.MLP(layer_sizes=[8, 50, 1])
+    assert all(not layer.folded for layer in model.modules() if isinstance(layer, models.FoldedLinear))
+    models.fold_for_population(model)
+    assert [layer.folded for layer in model.modules() if isinstance(layer, models.FoldedLinear)] == [True, True]
