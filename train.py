@@ -260,14 +260,22 @@ def log_histograms(tracker, raw, transforms, step):
                           torch.cat([v.reshape(-1) for v in natural]), step)
 
 
-def final_metrics(trainer):
+def final_metric_tensors(evaluate, validation_split):
+    """``{"Loss/Training": tensor, ...}`` on the whole training, validation and
+    test splits. ``evaluate(split)``: a run's (0-d values) or a population's
+    (one entry per member)."""
     final, evaluated = {}, {}
-    for split, label in (("training", "Training"), (trainer.validation_split, "Validation"),
+    for split, label in (("training", "Training"), (validation_split, "Validation"),
                          ("test", "Test")):
         if split not in evaluated:  # validation is the training split without a validation set
-            evaluated[split] = trainer.evaluate(split)
+            evaluated[split] = evaluate(split)
         for metric, value in evaluated[split].items():
             final[f"{metric}/{label}"] = value
+    return final
+
+
+def final_metrics(trainer):
+    final = final_metric_tensors(trainer.evaluate, trainer.validation_split)
     names = list(final)
     values = torch.stack([v.to(torch.float64).reshape(()) for v in final.values()]).tolist()
     return dict(zip(names, values))
@@ -363,9 +371,10 @@ def synchronise(device):
         torch.cuda.synchronize(device)
 
 
-def finish(trainer, cfg, tracker, status_and_time, run_dir, save):
+def finish(trainer, cfg, tracker, status_and_time, run_dir, save, final=None):
+    """The run's results (``final``: its final metrics if already evaluated)."""
     status, wall_time = status_and_time
-    final = final_metrics(trainer)
+    final = final_metrics(trainer) if final is None else final
     if not all(math.isfinite(v) for k, v in final.items() if k.startswith("Loss/")):
         status = "diverged"
     objective = final.get("Loss/Validation", math.nan)
