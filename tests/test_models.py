@@ -220,6 +220,28 @@ def test_losses_match_their_definitions():
         models.build_loss({"class": "L1"}, where="cfg: loss")
 
 
+@pytest.mark.parametrize("rows,classes,path", [(50, 10, "usual"), (4096, 10, "classes-second"),
+                                               (600, 2, "classes-second"), (300, 32, "usual")],
+                         ids=["minibatch", "evaluation-chunk", "two-classes", "many-classes"])
+@pytest.mark.parametrize("smoothing", [0.0, 0.1], ids=["plain", "label-smoothing"])
+def test_cross_entropy_takes_the_fast_order_and_gives_the_same_loss_and_gradient(rows, classes, path, smoothing):
+    loss = models.build_loss({"class": "CrossEntropyLoss", "label_smoothing": smoothing})
+    generator = torch.Generator().manual_seed(rows)
+    logits = torch.randn(3, rows, classes, dtype=torch.float64, generator=generator)
+    targets = torch.randint(0, classes, (rows,), generator=generator)
+    with torch.profiler.profile(record_shapes=True) as profile:
+        gradients, values = torch.func.vmap(torch.func.grad_and_value(loss), in_dims=(0, None))(logits, targets)
+    for member in range(3):
+        expected = logits[member].clone().requires_grad_()
+        reference = torch.nn.functional.cross_entropy(expected, targets, label_smoothing=smoothing)
+        reference.backward()
+        torch.testing.assert_close(values[member], reference.detach(), rtol=1e-12, atol=0)
+        torch.testing.assert_close(gradients[member], expected.grad, rtol=1e-12, atol=1e-15)
+    shapes = [event.input_shapes[0] for event in profile.events() if event.name == "aten::_log_softmax"]
+    order = [1, classes, rows] if path == "classes-second" else [rows, classes]  # a member's, as vmap sees it
+    assert shapes and all(shape == order for shape in shapes), (path, shapes)
+
+
 DATASET_CONFIGS = sorted(  # dataset/model files; teaching data files have no `dataset` section
     path.name for path in (REPO / "configs").glob("*.yaml")
     if path.name[0].islower() and "dataset" in (yaml.safe_load(path.read_text()) or {}))
